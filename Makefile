@@ -1,0 +1,30 @@
+# One command each, on a fresh machine: `make demo` (the main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines pin the CPU build of torch; on GPU machines install your CUDA torch into the venv
+# first and run `make setup TORCH_CONSTRAINTS=`.
+TORCH_CONSTRAINTS ?= constraints/cpu.txt
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints/cpu.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(if $(TORCH_CONSTRAINTS),-c $(TORCH_CONSTRAINTS)) -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/batchgen run jobs/demo.yaml
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf out models .pytest_cache

@@ -1,0 +1,195 @@
+"""The batched classifier-free-guidance denoiser: rows in, images and per-row facts out. No Ray here."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from batchgen.errors import RowError
+from batchgen.families import Conditioning, FamilyAdapter, concat, take
+from batchgen.loading import LoadedModel
+from batchgen.schedulers import SCHEDULERS, make_scheduler, step_kwargs
+
+logger = logging.getLogger(__name__)
+
+MAX_STEPS = 1000
+MAX_SIDE = 4096
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything that decides one image's pixels, given the model."""
+
+    prompt: str
+    seed: int
+    negative_prompt: str = ""
+    guidance_scale: float = 7.5
+    steps: int = 25
+    width: int = 512
+    height: int = 512
+    scheduler: str = "ddim"
+    eta: float = 0.0
+
+    def group_key(self) -> tuple:
+        """Rows with equal keys share one denoising loop."""
+        return (self.steps, self.width, self.height, self.scheduler, self.eta)
+
+
+@dataclass
+class GenerationResult:
+    """One row's outcome: an image (HWC uint8, or float32 in [0, 1]) or an error naming the field."""
+
+    image: np.ndarray | None
+    seed: int
+    truncated: bool = False
+    error: str | None = None
+    generate_ms: float = 0.0
+    batch_size: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def validate_request(req: GenerationRequest, vae_scale_factor: int = 8) -> None:
+    """Raise RowError naming the first bad field; cheap, runs before any compute."""
+    if not isinstance(req.prompt, str) or not req.prompt.strip():
+        raise RowError("prompt", req.prompt, "must be a non-empty string")
+    if not isinstance(req.negative_prompt, str):
+        raise RowError("negative_prompt", req.negative_prompt, "must be a string")
+    if not isinstance(req.seed, (int, np.integer)) or isinstance(req.seed, bool) or not 0 <= req.seed <= MAX_SEED:
+        raise RowError("seed", req.seed, f"must be an integer in [0, {MAX_SEED}]")
+    if not _is_number(req.guidance_scale) or not math.isfinite(req.guidance_scale) or req.guidance_scale < 0:
+        raise RowError("guidance_scale", req.guidance_scale, "must be a finite number >= 0")
+    if not isinstance(req.steps, (int, np.integer)) or isinstance(req.steps, bool) or not 1 <= req.steps <= MAX_STEPS:
+        raise RowError("steps", req.steps, f"must be an integer in [1, {MAX_STEPS}]")
+    multiple = max(8, vae_scale_factor)
+    for name in ("width", "height"):
+        side = getattr(req, name)
+        if not isinstance(side, (int, np.integer)) or isinstance(side, bool) or not multiple <= side <= MAX_SIDE:
+            raise RowError(name, side, f"must be an integer in [{multiple}, {MAX_SIDE}]")
+        if side % multiple:
+            raise RowError(name, side, f"must be divisible by {multiple}")
+    if req.scheduler not in SCHEDULERS:
+        raise RowError("scheduler", req.scheduler, f"must be one of {sorted(SCHEDULERS)}")
+    if not _is_number(req.eta) or not math.isfinite(req.eta) or req.eta < 0:
+        raise RowError("eta", req.eta, "must be a finite number >= 0")
+
+
+class Engine:
+    """Runs batches of GenerationRequests on one loaded model.
+
+    The same row gives the same image whatever the batch size and whatever rows share its batch:
+    initial and per-step noise come from a CPU generator per row seeded with the row's seed, and all
+    other per-row quantities (guidance, conditioning) are indexed, never shared.
+    """
+
+    def __init__(self, model: LoadedModel, max_batch_size: int | None = None):
+        self.model = model
+        self.adapter: FamilyAdapter = model.adapter
+        self.device = model.device
+        self.dtype = model.dtype
+        self.max_batch_size = max_batch_size
+        self._empty: Conditioning | None = None
+
+    def empty_conditioning(self) -> Conditioning:
+        """The empty-prompt conditioning (the default negative), computed once per model."""
+        if self._empty is None:
+            self._empty = self.adapter.encode_text([""]).conditioning
+        return self._empty
+
+    def generate(
+        self, requests: list[GenerationRequest], output: Literal["uint8", "float"] = "uint8"
+    ) -> list[GenerationResult]:
+        """One result per request, in order. Bad rows become error results; the others still run."""
+        results: list[GenerationResult | None] = [None] * len(requests)
+        valid: list[int] = []
+        for i, req in enumerate(requests):
+            try:
+                validate_request(req, self.adapter.vae_scale_factor)
+                valid.append(i)
+            except RowError as e:
+                results[i] = GenerationResult(None, req.seed, error=str(e))
+        if not valid:
+            return results  # type: ignore[return-value]
+
+        # 1. Encode each distinct text once for the whole call (sweeps repeat prompts).
+        texts = sorted({requests[i].prompt for i in valid} | {requests[i].negative_prompt for i in valid} - {""})
+        position = {text: n for n, text in enumerate(texts)}
+        encoded = self.adapter.encode_text(texts) if texts else None
+        table = concat(encoded.conditioning, self.empty_conditioning()) if encoded else self.empty_conditioning()
+        position[""] = len(texts)
+        truncated = dict(zip(texts, encoded.truncated, strict=True)) if encoded else {}
+
+        # 2. Group rows that can share a loop; split groups to the batch limit.
+        groups: dict[tuple, list[int]] = {}
+        for i in valid:
+            groups.setdefault(requests[i].group_key(), []).append(i)
+        step = self.max_batch_size or len(valid)
+        for members in groups.values():
+            for start in range(0, len(members), step):
+                chunk = members[start : start + step]
+                self._run_chunk(requests, chunk, table, position, output, results)
+        for i in valid:
+            results[i].truncated = truncated.get(requests[i].prompt, False)  # type: ignore[union-attr]
+        return results  # type: ignore[return-value]
+
+    def _run_chunk(self, requests, chunk, table, position, output, results) -> None:
+        rows = [requests[i] for i in chunk]
+        start = time.perf_counter()
+        cond = take(table, [position[r.prompt] for r in rows])
+        uncond = take(table, [position[r.negative_prompt] for r in rows])
+        images = self.denoise(rows, cond, uncond)
+        finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
+        if output == "uint8":
+            images = (images * 255).round().to(torch.uint8)
+        array = images.permute(0, 2, 3, 1).cpu().numpy()
+        elapsed_ms = (time.perf_counter() - start) * 1000 / len(rows)
+        for n, (i, req) in enumerate(zip(chunk, rows, strict=True)):
+            if finite[n]:
+                results[i] = GenerationResult(array[n], req.seed, generate_ms=elapsed_ms, batch_size=len(rows))
+            else:
+                error = "generation produced non-finite values (NaN/inf latents); row not stored"
+                results[i] = GenerationResult(None, req.seed, error=error, generate_ms=elapsed_ms,
+                                              batch_size=len(rows))
+
+    @torch.inference_mode()
+    def denoise(self, rows: list[GenerationRequest], cond: Conditioning, uncond: Conditioning) -> torch.Tensor:
+        """The denoising loop for rows sharing steps, size, scheduler and eta; float images in [0, 1]."""
+        first = rows[0]
+        scheduler = make_scheduler(first.scheduler, self.adapter.base_scheduler_config)
+        scheduler.set_timesteps(first.steps, device=self.device)
+        generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in rows]
+        factor = self.adapter.vae_scale_factor
+        shape = (len(rows), self.adapter.latent_channels, first.height // factor, first.width // factor)
+        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
+        latents = latents * scheduler.init_noise_sigma
+
+        guidance = torch.tensor([float(r.guidance_scale) for r in rows], device=self.device, dtype=self.dtype)
+        guidance = guidance.view(-1, 1, 1, 1)
+        guided = guidance > 1
+        # One denoiser call of 2B rows (unconditional, then conditional); none of B when no row guides.
+        use_cfg = bool(guided.any())
+        conditioning = concat(uncond, cond) if use_cfg else cond
+        extra = step_kwargs(scheduler, generators, first.eta)
+        for t in scheduler.timesteps:
+            model_input = torch.cat([latents, latents]) if use_cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            prediction = self.adapter.predict(model_input, t, conditioning, first.width, first.height)
+            if use_cfg:
+                pred_uncond, pred_cond = prediction.chunk(2)
+                prediction = torch.where(guided, pred_uncond + guidance * (pred_cond - pred_uncond), pred_cond)
+            latents = scheduler.step(prediction, t, latents, **extra, return_dict=False)[0]
+        return self.adapter.decode(latents)

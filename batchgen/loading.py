@@ -1,0 +1,141 @@
+"""Load a diffusion pipeline from a local directory or a hub id: safetensors only, no remote code."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from batchgen.errors import ModelLoadError
+from batchgen.families import FamilyAdapter, adapter_for
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline on its device, its family adapter and what identifies it in manifests."""
+
+    pipe: Any
+    adapter: FamilyAdapter
+    source: str
+    revision: str | None
+    weights_sha256: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"`dtype` must be one of {['auto', *DTYPES]} but is {dtype!r}") from None
+
+
+def check_model_dir(path: Path, allow_pickle: bool = False) -> None:
+    """Fail with the missing part named before any weights are read."""
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {str(path)!r} does not exist or is not a directory")
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(f"model directory {str(path)!r} has no model_index.json (not a diffusers pipeline)")
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{str(index_file)!r} is not valid JSON: {e}") from None
+    for component, spec in index.items():
+        if component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        sub = path / component
+        if not sub.is_dir():
+            raise ModelLoadError(f"model directory {str(path)!r} lists component {component!r} but has no {component}/")
+        weights = [f for f in sub.iterdir() if f.name.endswith(WEIGHT_SUFFIXES)]
+        if not weights:
+            continue  # tokenizers and schedulers carry no weights
+        if not allow_pickle and not any(f.name.endswith(".safetensors") for f in weights):
+            names = sorted(f.name for f in weights)
+            raise ModelLoadError(
+                f"component {component!r} in {str(path)!r} has only pickle weights {names}; "
+                "batchgen loads safetensors only (set model.allow_pickle: true to accept pickle, at your own risk)"
+            )
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 over every weight and config file (names and bytes): identifies the pixels' source."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".txt", *WEIGHT_SUFFIXES))
+    for file in files:
+        digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(
+    source: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    allow_pickle: bool = False,
+    vae_batch_size: int | None = None,
+) -> LoadedModel:
+    """Load a pipeline from a local directory, or from the hub by id and revision (cached by huggingface_hub)."""
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if allow_pickle:
+        logger.warning("model.allow_pickle is set: pickle checkpoints can run arbitrary code when loaded")
+
+    local = Path(source).expanduser()
+    is_local = local.exists() or source.startswith((".", "/", "~"))
+    if is_local:
+        check_model_dir(local, allow_pickle)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            str(local) if is_local else source,
+            revision=None if is_local else revision,
+            dtype=torch_dtype,
+            use_safetensors=None if allow_pickle else True,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as e:
+        where = "local directory" if is_local else "hub id (no such local directory either)"
+        raise ModelLoadError(f"cannot load model {source!r} as a {where}: {e}") from e
+    if getattr(pipe.vae.config, "force_upcast", False) and torch_dtype == torch.float16:
+        pipe.vae.to(torch.float32)
+    pipe.to(torch_device)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        adapter = adapter_for(pipe, vae_batch_size)
+    except ValueError as e:
+        raise ModelLoadError(f"model {source!r}: {e}") from None
+    root = local if is_local else Path(pipe.config._name_or_path)
+    digest = weights_sha256(root) if root.is_dir() else ""
+    logger.info("loaded %s (%s, %s) on %s, weights sha256 %s", source, type(pipe).__name__, torch_dtype,
+                torch_device, digest[:12])
+    return LoadedModel(pipe, adapter, source, revision, digest, torch_device, torch_dtype)

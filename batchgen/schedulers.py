@@ -1,0 +1,56 @@
+"""Schedulers by name: each name maps to a diffusers scheduler class and the options that define it."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+
+# name -> (class, config overrides). The model's own scheduler config supplies the noise schedule
+# (betas, prediction type, timestep spacing); the name only picks the sampler.
+SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "ddim": (DDIMScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+
+
+def make_scheduler(name: str, base_config: Any):
+    """A fresh scheduler (schedulers carry per-run state) of the named kind on the model's schedule."""
+    try:
+        cls, overrides = SCHEDULERS[name]
+    except KeyError:
+        raise ValueError(f"`scheduler` must be one of {sorted(SCHEDULERS)} but is {name!r}") from None
+    return cls.from_config(base_config, **overrides)
+
+
+def step_kwargs(scheduler: Any, generators: list, eta: float) -> dict[str, Any]:
+    """The optional arguments this scheduler's `step` accepts: per-row generators and DDIM's eta."""
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if "generator" in accepted:
+        kwargs["generator"] = generators
+    if "eta" in accepted:
+        kwargs["eta"] = eta
+    return kwargs
