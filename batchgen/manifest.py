@@ -1,0 +1,178 @@
+"""Manifests: one Parquet part per stored batch, written after its images; _SUCCESS last; inspection."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchgen.engine import GenerationRequest
+from batchgen.prompts import sample_key
+from batchgen.storage import NotFound, Storage
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_PREFIX = "manifests/"
+SUCCESS_KEY = "_SUCCESS"
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("sample_index", pa.int64()),
+        ("prompt", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("steps", pa.int64()),
+        ("guidance_scale", pa.float64()),
+        ("scheduler", pa.string()),
+        ("eta", pa.float64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("model", pa.string()),
+        ("model_revision", pa.string()),
+        ("model_sha256", pa.string()),
+        ("dtype", pa.string()),
+        ("image_uri", pa.string()),
+        ("sha256", pa.string()),
+        ("bytes", pa.int64()),
+        ("format", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("truncated", pa.bool_()),
+        ("generate_ms", pa.float64()),
+        ("encode_ms", pa.float64()),
+        ("upload_ms", pa.float64()),
+        ("batch_size", pa.int64()),
+        ("worker", pa.string()),
+        ("versions", pa.string()),
+        ("extra", pa.string()),
+        ("run_id", pa.string()),
+    ]
+)
+
+
+def manifest_key(rows: list[dict[str, Any]]) -> str:
+    """Named by the (id, sample) pairs it lists, so a retried batch overwrites its own part."""
+    digest = hashlib.sha256()
+    for key in sorted(f"{r['id']}\x00{r['sample_index']}" for r in rows):
+        digest.update(key.encode() + b"\x01")
+    return f"{MANIFEST_PREFIX}part-{digest.hexdigest()[:32]}.parquet"
+
+
+def write_manifest(storage: Storage, rows: list[dict[str, Any]]) -> str:
+    """One PUT (or write-then-rename): the part appears whole or not at all."""
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    key = manifest_key(rows)
+    storage.put(key, buffer.getvalue(), "application/vnd.apache.parquet")
+    return key
+
+
+def manifest_parts(storage: Storage) -> list[str]:
+    return [k for k in storage.list(MANIFEST_PREFIX) if k.endswith(".parquet")]
+
+
+def read_manifests(storage: Storage, columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
+    for key in manifest_parts(storage):
+        yield key, pq.read_table(io.BytesIO(storage.get(key)), columns=columns)
+
+
+def committed_keys(storage: Storage, include_errors: bool = False) -> frozenset[int]:
+    """64-bit keys of (id, sample) pairs a rerun must skip: ok rows, and error rows if not retried."""
+    statuses = {"ok", "error"} if include_errors else {"ok"}
+    done: set[int] = set()
+    for _, table in read_manifests(storage, ["id", "sample_index", "status"]):
+        for row_id, index, status in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True):
+            if status in statuses:
+                done.add(sample_key(row_id, index))
+    return frozenset(done)
+
+
+def request_from_row(row: dict[str, Any]) -> GenerationRequest:
+    """The engine request that reproduces a manifest row's image (with the model it names)."""
+    return GenerationRequest(
+        prompt=row["prompt"],
+        seed=int(row["seed"]),
+        negative_prompt=row["negative_prompt"] or "",
+        guidance_scale=float(row["guidance_scale"]),
+        steps=int(row["steps"]),
+        width=int(row["width"]),
+        height=int(row["height"]),
+        scheduler=row["scheduler"],
+        eta=float(row["eta"]),
+    )
+
+
+def write_success(storage: Storage, summary: dict[str, Any]) -> None:
+    storage.put(SUCCESS_KEY, json.dumps(summary, indent=2, sort_keys=True).encode(), "application/json")
+
+
+def read_success(storage: Storage) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.get(SUCCESS_KEY))
+    except NotFound:
+        return None
+
+
+@dataclass
+class InspectReport:
+    """What `batchgen inspect` found: counts and every problem, each a line."""
+
+    success: dict[str, Any] | None
+    parts: int = 0
+    rows: int = 0
+    ok: int = 0
+    errors: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+
+def inspect_output(storage: Storage, verify_hashes: bool = True) -> InspectReport:
+    """Check that every ok row's object exists with its recorded size and sha256; find duplicates, orphans."""
+    report = InspectReport(read_success(storage))
+    if report.success is None:
+        report.problems.append(f"{storage.uri_for(SUCCESS_KEY)} is missing: the job has not completed")
+    referenced: set[str] = set()
+    seen_ok: dict[tuple[str, int], str] = {}
+    prefix = storage.uri_for("")
+    for part, table in read_manifests(storage):
+        report.parts += 1
+        for row in table.to_pylist():
+            report.rows += 1
+            if row["status"] != "ok":
+                report.errors += 1
+                continue
+            report.ok += 1
+            pair = (row["id"], row["sample_index"])
+            if pair in seen_ok:
+                report.problems.append(f"duplicate ok rows for id={pair[0]!r} sample={pair[1]} in {seen_ok[pair]} "
+                                       f"and {part}")
+            seen_ok[pair] = part
+            key = row["image_uri"][len(prefix) :]
+            referenced.add(key)
+            size = storage.size(key)
+            if size is None:
+                report.problems.append(f"missing object {row['image_uri']} (listed in {part})")
+            elif size != row["bytes"]:
+                report.problems.append(f"size mismatch for {row['image_uri']}: {size} != {row['bytes']} recorded")
+            elif verify_hashes and hashlib.sha256(storage.get(key)).hexdigest() != row["sha256"]:
+                report.problems.append(f"sha256 mismatch for {row['image_uri']}")
+    for key in storage.list("images/"):
+        if key not in referenced:
+            report.problems.append(f"orphan object {storage.uri_for(key)}: no ok manifest row lists it")
+    if report.success is not None:
+        recorded_ok = report.success.get("images_ok_total")
+        if recorded_ok is not None and recorded_ok != report.ok:
+            report.problems.append(f"_SUCCESS records {recorded_ok} ok images but manifests list {report.ok}")
+    return report

@@ -1,0 +1,261 @@
+"""Job assembly: plan (no Ray), then a lazy Ray Data pipeline read -> generate -> encode+store -> summary."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from batchgen.errors import BatchgenError, JobConfigError
+from batchgen.loading import check_model_dir, weights_sha256
+from batchgen.manifest import SUCCESS_KEY, committed_keys, read_manifests, write_success
+from batchgen.prompts import InputPlan, ReadTask, RowReader, plan_input
+from batchgen.resume import check_fingerprint, fingerprint
+from batchgen.spec import ComputeSpec, JobSpec, dump_spec
+from batchgen.stages import GeneratorActor, ModelFacts, StoreStage
+from batchgen.storage import Storage, open_storage
+
+logger = logging.getLogger(__name__)
+
+STATE_PREFIX = "_batchgen/"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How the generator stage is sized on the cluster it runs on."""
+
+    min_actors: int
+    max_actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    torch_threads: int
+    custom: dict[str, float]
+
+
+def size_compute(compute: ComputeSpec, cluster_cpus: float, cluster_gpus: float) -> Resources:
+    """One GPU per actor when GPUs exist; on CPU-only clusters a CPU share that leaves the other stages room
+    (actors holding every CPU starve the reader and the job hangs)."""
+    has_gpus = cluster_gpus > 0
+    gpus = compute.gpus_per_actor if compute.gpus_per_actor is not None else (1.0 if has_gpus else 0.0)
+    if compute.max_actors is not None:
+        max_actors = compute.max_actors
+    elif gpus > 0:
+        max_actors = max(compute.min_actors, int(cluster_gpus // gpus))
+    else:
+        max_actors = compute.min_actors
+    if compute.max_actors is not None and compute.max_actors < compute.min_actors:
+        raise JobConfigError(
+            f"`compute.max_actors` ({compute.max_actors}) must be >= `compute.min_actors` ({compute.min_actors})"
+        )
+    if compute.cpus_per_actor is not None:
+        cpus = compute.cpus_per_actor
+    elif has_gpus:
+        cpus = 1.0
+    else:
+        cpus = round(max(0.1, min(1.0, (cluster_cpus - 0.75) / max_actors)), 2)
+    if not has_gpus and cpus * max_actors > cluster_cpus - 0.5:
+        raise JobConfigError(
+            f"`compute.cpus_per_actor` {cpus} x {max_actors} actors leaves less than 0.5 of the cluster's "
+            f"{cluster_cpus:g} CPUs for reading and storing: the job would stall"
+        )
+    default_threads = max(1, math.ceil(cpus)) if has_gpus else max(1, int(cluster_cpus // max_actors))
+    threads = compute.torch_threads or default_threads
+    custom = {compute.accelerator_resource: 1.0} if compute.accelerator_resource else {}
+    return Resources(compute.min_actors, max_actors, gpus, cpus, threads, custom)
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    spec: JobSpec
+    input: InputPlan
+    model_options: dict[str, Any]
+    model: ModelFacts
+    fingerprint: dict[str, Any]
+
+
+def prepare_model(spec: JobSpec) -> tuple[dict[str, Any], ModelFacts]:
+    """Resolve the model source on the driver: build the demo model if asked, check the directory, hash it."""
+    m = spec.model
+    source = m.source
+    local = Path(source).expanduser()
+    if m.make_tiny_if_missing and not local.exists():
+        from batchgen.tiny import make_tiny_model
+
+        logger.info("building tiny %s model at %s", m.make_tiny_if_missing, local)
+        make_tiny_model(local, m.make_tiny_if_missing)
+    if local.exists() or source.startswith((".", "/", "~")):
+        check_model_dir(local, m.allow_pickle)
+        source = str(local.resolve())
+        digest = weights_sha256(local)
+    else:
+        digest = ""  # a hub id: the revision identifies it; the actors hash their download
+    options = {"source": source, "revision": m.revision, "dtype": m.dtype, "device": m.device,
+               "allow_pickle": m.allow_pickle, "vae_batch_size": m.vae_batch_size}
+    return options, ModelFacts(m.source, m.revision, digest, m.dtype)
+
+
+def plan_job(spec: JobSpec) -> JobPlan:
+    """Everything that can be checked before Ray starts: input files and columns, the model, the output."""
+    input_plan = plan_input(spec.input)
+    model_options, facts = prepare_model(spec)
+    open_storage(spec.output.uri)  # an unsupported output scheme fails here, before any work
+    return JobPlan(spec, input_plan, model_options, facts, fingerprint(spec, facts))
+
+
+def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: frozenset[int], run_id: str):
+    """The lazy, streaming Dataset of per-batch summaries; nothing runs until it is iterated."""
+    import ray
+
+    spec = plan.spec
+    reader = RowReader(plan.input, spec.sampling, spec.input.rows_per_read, done)
+
+    def read(batch: pa.Table):
+        for task in batch.to_pylist():
+            yield from reader.read(ReadTask(**task))
+
+    tasks = [asdict(t) for t in plan.input.tasks]
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    ds = ds.map_batches(read, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+    # Small tables arrive as one block: split so every actor gets work, and so batches stay small.
+    ds = ds.repartition(target_num_rows_per_block=spec.compute.batch_size)
+    ds = ds.map_batches(
+        GeneratorActor,
+        fn_constructor_kwargs={"model_options": plan.model_options, "batch_size": spec.compute.batch_size,
+                               "torch_threads": resources.torch_threads},
+        batch_size=spec.compute.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
+        num_cpus=resources.cpus_per_actor,
+        num_gpus=resources.gpus_per_actor,
+        resources=resources.custom or None,
+    )
+    stage = StoreStage(storage, spec.output.format, spec.output.quality, plan.model, run_id)
+    return ds.map_batches(
+        _store, fn_kwargs={"stage": stage}, batch_size=None, batch_format="pyarrow",
+        num_cpus=spec.compute.cpus_per_storage_task,
+    )
+
+
+def _store(batch: pa.Table, stage: StoreStage) -> pa.Table:
+    return stage(batch)
+
+
+class Progress:
+    """A log line every `interval_s`: images done, images/s, ETA. Quiet enough for a log file."""
+
+    def __init__(self, expected: int, interval_s: float = 10.0):
+        self.expected = expected
+        self.interval_s = interval_s
+        self.start = time.monotonic()
+        self.last = self.start
+        self.done = 0
+
+    def update(self, images: int) -> None:
+        self.done += images
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            self.last = now
+            rate = self.done / (now - self.start)
+            left = max(0, self.expected - self.done)
+            eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+            logger.info("images %d/%d (est.), %.2f images/s, ETA %s", self.done, self.expected, rate, eta)
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}} if address is None else None)
+    DataContext.get_current().enable_progress_bars = False
+
+
+def cluster_totals() -> tuple[float, float]:
+    import ray
+
+    totals = ray.cluster_resources()
+    return float(totals.get("CPU", 0)), float(totals.get("GPU", 0))
+
+
+def run_job(spec: JobSpec) -> dict[str, Any]:
+    """Plan, start (or join) Ray, stream the whole job, write _SUCCESS last; returns the summary."""
+    started = time.time()
+    plan = plan_job(spec)
+    storage = open_storage(spec.output.uri, retry_deadline_s=spec.output.retry_deadline_s,
+                           max_workers=spec.output.upload_workers)
+    check_fingerprint(storage, plan.fingerprint)
+    storage.delete(SUCCESS_KEY)
+    storage.put(STATE_PREFIX + "job.yaml", dump_spec(spec).encode(), "application/yaml")
+    done = committed_keys(storage, include_errors=not spec.output.retry_errors)
+
+    init_ray(spec.compute.address)
+    from ray.data import DataContext
+
+    DataContext.get_current().execution_no_progress_timeout_s = spec.compute.no_progress_timeout_s
+    resources = size_compute(spec.compute, *cluster_totals())
+    logger.info("generator: %d-%d actors x (%.2f CPU, %g GPU, %d torch threads); batch size %d",
+                resources.min_actors, resources.max_actors, resources.cpus_per_actor, resources.gpus_per_actor,
+                resources.torch_threads, spec.compute.batch_size)
+    run_id = uuid.uuid4().hex[:12]
+    expected = plan.input.rows * spec.sampling.num_images
+    progress = Progress(max(0, expected - len(done)))
+    counts = {"ok": 0, "errors": 0, "skipped": 0}
+    first_stored: float | None = None
+    ds = build_dataset(plan, resources, storage, done, run_id)
+    try:
+        for summaries in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in summaries.to_pylist():
+                for name in counts:
+                    counts[name] += row[name]
+                if row["first_stored_at"] and first_stored is None:
+                    first_stored = row["first_stored_at"]
+                progress.update(row["ok"] + row["errors"])
+    except BatchgenError:
+        raise
+    except Exception as e:  # Ray wraps stage failures; surface the root message
+        raise BatchgenError(f"job failed while running: {_root_message(e)}") from e
+    wall = time.time() - started
+    totals = _manifest_totals(storage)
+    summary = {
+        "run_id": run_id,
+        "rows": plan.input.rows,
+        "images_ok": counts["ok"],
+        "errors": counts["errors"],
+        "generated": counts["ok"] + counts["errors"],
+        "skipped_done": counts["skipped"],
+        "images_ok_total": totals["ok"],
+        "errors_total": totals["errors"],
+        "wall_s": round(wall, 3),
+        "images_per_s": round(counts["ok"] / wall, 4) if wall > 0 else 0.0,
+        "first_image_s": round(first_stored - started, 3) if first_stored else None,
+        "output": storage.uri,
+    }
+    write_success(storage, summary)
+    return summary
+
+
+def _manifest_totals(storage: Storage) -> dict[str, int]:
+    """ok (id, sample) pairs across all runs, and pairs whose only rows are errors."""
+    ok: set[tuple[str, int]] = set()
+    failed: set[tuple[str, int]] = set()
+    for _, table in read_manifests(storage, ["id", "sample_index", "status"]):
+        for row_id, index, status in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True):
+            (ok if status == "ok" else failed).add((row_id, index))
+    return {"ok": len(ok), "errors": len(failed - ok)}
+
+
+def _root_message(error: BaseException) -> str:
+    seen = error
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    return text[-1] if text else type(seen).__name__

@@ -1,0 +1,335 @@
+"""Reading prompt tables: find the Parquet files, check them before Ray starts, turn rows into work rows."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from batchgen.engine import MAX_SEED, GenerationRequest, validate_request
+from batchgen.errors import JobConfigError, RowError
+from batchgen.spec import ROW_FIELDS, InputSpec, SamplingSpec
+
+logger = logging.getLogger(__name__)
+
+MAX_IMAGES_PER_ROW = 10_000
+
+# What flows from the reader to the generator. `status` is pending (to generate), error (invalid row)
+# or tally (no image: one row per read batch carrying in `skipped` how many samples resume skipped).
+WORK_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("sample_index", pa.int64()),
+        ("prompt", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("guidance_scale", pa.float64()),
+        ("steps", pa.int64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("scheduler", pa.string()),
+        ("eta", pa.float64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("extra", pa.string()),
+        ("skipped", pa.int64()),
+    ]
+)
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path; S3 endpoint and region from the standard AWS environment."""
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        options: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")}
+        if endpoint:
+            parsed = urlparse(endpoint)
+            options.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+        return pafs.S3FileSystem(**options), uri[len("s3://") :]
+    if "://" in uri and not uri.startswith("file://"):
+        raise JobConfigError(f"`input.prompts` {uri!r}: unsupported scheme (use a local path or s3://)")
+    return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
+
+
+def list_input_files(uri: str) -> tuple[pafs.FileSystem, str, list[str]]:
+    """(filesystem, root, sorted Parquet files) for a file, a directory (recursive) or a glob."""
+    fs, path = filesystem_for(uri)
+    if any(ch in path for ch in "*?["):
+        root = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        files = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise JobConfigError(f"`input.prompts` {uri!r} does not exist")
+        if info.type == pafs.FileType.File:
+            return fs, path.rsplit("/", 1)[0], [path]
+        root = path
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        files = [
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.File
+            and not os.path.basename(i.path).startswith((".", "_"))
+            and i.path.endswith((".parquet", ".pq"))
+        ]
+    if not files:
+        raise JobConfigError(f"`input.prompts` {uri!r} matches no Parquet files")
+    return fs, root, sorted(files)
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """One row group of one file: the unit the reader streams."""
+
+    path: str
+    file_key: str
+    row_group: int
+    first_row: int
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    uri: str
+    files: list[str]
+    tasks: list[ReadTask]
+    rows: int
+    columns: dict[str, str]  # batchgen field -> input column
+    extra_columns: list[str]
+
+
+def plan_input(spec: InputSpec) -> InputPlan:
+    """Check every file's footer (no row data) and map columns; job-level problems raise JobConfigError."""
+    fs, root, files = list_input_files(spec.prompts)
+    field_of = {source: target for source, target in spec.columns.items()}
+    tasks: list[ReadTask] = []
+    rows = 0
+    types: dict[str, tuple[pa.DataType, str]] = {}
+    mapped: dict[str, str] = {}
+    extras: list[str] = []
+    for path in files:
+        try:
+            with fs.open_input_file(path) as f:
+                meta = pq.ParquetFile(f).metadata
+                schema = meta.schema.to_arrow_schema()
+        except (OSError, pa.ArrowException) as e:
+            raise JobConfigError(f"cannot read Parquet file {path!r}: {e}") from None
+        names = [field_of.get(name, name) for name in schema.names]
+        if "prompt" not in names:
+            wanted = next((s for s, t in field_of.items() if t == "prompt"), "prompt")
+            raise JobConfigError(f"input file {path!r} has no column {wanted!r} (columns: {schema.names})")
+        for name, field in zip(names, schema, strict=True):
+            if name in types and types[name][0] != field.type:
+                raise JobConfigError(
+                    f"column {field.name!r} is {field.type} in {path!r} but {types[name][0]} in {types[name][1]!r}"
+                )
+            types.setdefault(name, (field.type, path))
+            if name in ROW_FIELDS:
+                mapped[name] = field.name
+            elif name not in extras:
+                extras.append(name)
+        file_key = path[len(root) :].lstrip("/") or os.path.basename(path)
+        first = 0
+        for group in range(meta.num_row_groups):
+            count = meta.row_group(group).num_rows
+            if count:
+                tasks.append(ReadTask(path, file_key, group, first))
+            first += count
+        rows += meta.num_rows
+    if rows == 0:
+        raise JobConfigError(f"`input.prompts` {spec.prompts!r} has no rows")
+    plan = InputPlan(spec.prompts, files, tasks, rows, mapped, extras)
+    if "id" in mapped:
+        check_unique_ids(plan, fs)
+    return plan
+
+
+def check_unique_ids(plan: InputPlan, fs: pafs.FileSystem) -> None:
+    """Duplicate ids are a job-level error: read only the id column, compare 64-bit hashes."""
+    column = plan.columns["id"]
+    ids: list[Any] = []
+    for path in plan.files:
+        with fs.open_input_file(path) as f:
+            ids.extend(pq.read_table(f, columns=[column]).column(0).to_pylist())
+    hashes = np.fromiter((hash64(str(i)) for i in ids), dtype=np.uint64, count=len(ids))
+    unique, counts = np.unique(hashes, return_counts=True)
+    repeated = set(unique[counts > 1].tolist())
+    if repeated:
+        examples = sorted({str(i) for i, h in zip(ids, hashes.tolist(), strict=True) if h in repeated})
+        raise JobConfigError(
+            f"column {column!r} must hold unique ids but {len(repeated)} repeat, e.g. {examples[:5]}"
+        )
+
+
+def hash64(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def sample_key(row_id: str, sample_index: int) -> int:
+    """64-bit key of one (id, sample): what resume compares."""
+    return hash64(f"{row_id}\x00{sample_index}")
+
+
+def derive_seed(job_seed: int, row_id: str, sample_index: int) -> int:
+    """Depends only on the job seed and the row's identity, so new rows never shift other rows' seeds."""
+    digest = hashlib.sha256(f"{job_seed}\x00{row_id}\x00{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & MAX_SEED
+
+
+def _integer(field: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise RowError(field, value, "must be an integer")
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise RowError(field, value, "must be an integer")
+        return int(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    raise RowError(field, value, "must be an integer")
+
+
+def _number(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RowError(field, value, "must be a number")
+    return float(value)
+
+
+def _text(field: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise RowError(field, value, "must be a string")
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+class RowReader:
+    """Turns one ReadTask into work rows: mapped columns, defaults, ids, seeds, samples, validation."""
+
+    def __init__(self, plan: InputPlan, sampling: SamplingSpec, rows_per_read: int, done: frozenset[int]):
+        self.plan = plan
+        self.sampling = sampling
+        self.rows_per_read = rows_per_read
+        self.done = done
+
+    def read(self, task: ReadTask):
+        """Yields WORK_SCHEMA tables, one per `rows_per_read` input rows."""
+        fs, _ = filesystem_for(self.plan.uri)
+        with fs.open_input_file(task.path) as f:
+            parquet = pq.ParquetFile(f)
+            index = task.first_row
+            for batch in parquet.iter_batches(batch_size=self.rows_per_read, row_groups=[task.row_group]):
+                out: list[dict[str, Any]] = []
+                skipped = 0
+                for raw in batch.to_pylist():
+                    for row in self.work_rows(raw, f"{task.file_key}:{index}"):
+                        if row["status"] == "pending" and sample_key(row["id"], row["sample_index"]) in self.done:
+                            skipped += 1
+                        else:
+                            out.append(row)
+                    index += 1
+                if skipped:
+                    out.append({"id": "", "sample_index": -1, "status": "tally", "skipped": skipped})
+                yield pa.Table.from_pylist(out, schema=WORK_SCHEMA)
+
+    def work_rows(self, raw: dict[str, Any], position: str) -> list[dict[str, Any]]:
+        """One input row -> one work row per sample, or a single error row naming the bad field."""
+        values = {field: raw.get(column) for field, column in self.plan.columns.items()}
+        extra = json.dumps({c: _jsonable(raw.get(c)) for c in self.plan.extra_columns}, default=str)
+        raw_id = values.get("id")
+        row_id = str(raw_id) if raw_id is not None else position
+        base: dict[str, Any] = {"id": row_id, "extra": extra, "skipped": 0}
+        try:
+            count = self.sampling.num_images if values.get("num_images") is None else (
+                _integer("num_images", values["num_images"])
+            )
+            if not 1 <= count <= MAX_IMAGES_PER_ROW:
+                raise RowError("num_images", count, f"must be in [1, {MAX_IMAGES_PER_ROW}]")
+            fields = self._fields(values)
+        except RowError as e:
+            return [{**base, "sample_index": 0, "prompt": _safe_text(values.get("prompt")), "status": "error",
+                     "error": str(e)}]
+        row_seed = values.get("seed")
+        rows = []
+        for k in range(count):
+            seed = int(row_seed) + k if row_seed is not None else derive_seed(self.sampling.seed, row_id, k)
+            row = {**base, **fields, "sample_index": k, "seed": seed, "status": "pending"}
+            if seed > MAX_SEED:
+                error = RowError("seed", seed, f"must be an integer in [0, {MAX_SEED}]")
+                row.update(status="error", error=str(error), seed=None)
+            rows.append(row)
+        return rows
+
+    def _fields(self, values: dict[str, Any]) -> dict[str, Any]:
+        s = self.sampling
+
+        def pick(field: str, convert, default):
+            value = values.get(field)
+            return default if value is None else convert(field, value)
+
+        prompt = values.get("prompt")
+        if not isinstance(prompt, str):
+            raise RowError("prompt", prompt, "must be a non-empty string")
+        fields = {
+            "prompt": prompt,
+            "negative_prompt": pick("negative_prompt", _text, s.negative_prompt),
+            "guidance_scale": pick("guidance_scale", _number, s.guidance_scale),
+            "steps": pick("steps", _integer, s.steps),
+            "width": pick("width", _integer, s.width),
+            "height": pick("height", _integer, s.height),
+            "scheduler": pick("scheduler", _text, s.scheduler),
+            "eta": pick("eta", _number, s.eta),
+        }
+        if values.get("seed") is not None:
+            seed = _integer("seed", values["seed"])
+            if seed < 0:
+                raise RowError("seed", seed, f"must be an integer in [0, {MAX_SEED}]")
+        validate_request(GenerationRequest(seed=0, **fields))
+        return fields
+
+
+def _safe_text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None if value is None else repr(value)[:200]
+
+
+def describe_groups(plan: InputPlan, sampling: SamplingSpec) -> tuple[int, dict[tuple, int]]:
+    """(images, images per (steps, width, height, scheduler, eta) group): reads only those columns."""
+    fs, _ = filesystem_for(plan.uri)
+    group_fields = ("steps", "width", "height", "scheduler", "eta")
+    wanted = [f for f in (*group_fields, "num_images") if f in plan.columns]
+    images = 0
+    groups: dict[tuple, int] = {}
+    for path in plan.files:
+        with fs.open_input_file(path) as f:
+            names = set(pq.ParquetFile(f).schema_arrow.names)
+            columns = [plan.columns[w] for w in wanted if plan.columns[w] in names]
+            table = pq.read_table(f, columns=columns) if columns else None
+        count = pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
+        values = {w: table.column(plan.columns[w]).to_pylist() for w in wanted if table is not None
+                  and plan.columns[w] in table.column_names}
+        for i in range(count):
+            n = values["num_images"][i] if "num_images" in values else None
+            n = sampling.num_images if n is None else n
+            key = tuple(
+                values[g][i] if g in values and values[g][i] is not None else getattr(sampling, g)
+                for g in group_fields
+            )
+            images += n if isinstance(n, int) else 0
+            groups[key] = groups.get(key, 0) + (n if isinstance(n, int) else 0)
+    return images, groups

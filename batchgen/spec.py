@@ -1,0 +1,193 @@
+"""The typed job spec: input, model, sampling defaults, output, compute; validated before Ray starts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from batchgen.errors import JobConfigError
+from batchgen.schedulers import SCHEDULERS
+
+ROW_FIELDS = (
+    "id",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "guidance_scale",
+    "steps",
+    "width",
+    "height",
+    "scheduler",
+    "eta",
+    "num_images",
+)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(Section):
+    prompts: str = Field(
+        "batchgen/data/demo_prompts.parquet",
+        description="Parquet prompt table: a file, a directory, a glob, or an s3:// URI of any of those.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Input column -> batchgen field, e.g. {caption: prompt}. Fields: " + ", ".join(ROW_FIELDS),
+    )
+    rows_per_read: int = Field(
+        1024, ge=1, description="Rows read per Parquet batch; bounds the reader's memory per task."
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
+        for source, target in columns.items():
+            if target not in ROW_FIELDS:
+                raise ValueError(f"column {source!r} maps to unknown field {target!r}; fields: {list(ROW_FIELDS)}")
+        return columns
+
+
+class ModelSpec(Section):
+    source: str = Field(
+        "models/tiny-sd15", description="Local diffusers directory, hub id, or s3:// URI of a diffusers directory."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights dtype; auto = float16 on CUDA, float32 on CPU."
+    )
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N.")
+    allow_pickle: bool = Field(False, description="Accept pickle (.bin/.ckpt) weights; they can run code on load.")
+    make_tiny_if_missing: Literal["sd15", "sd2-v"] | None = Field(
+        None, description="Build a tiny random-weight model of this family at `source` if it does not exist (demo)."
+    )
+    vae_batch_size: int | None = Field(None, ge=1, description="Decode latents in sub-batches of this size.")
+
+
+class SamplingSpec(Section):
+    """Defaults for rows whose table has no column for the field."""
+
+    steps: int = Field(25, ge=1, le=1000, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance; <= 1 disables it.")
+    scheduler: str = Field("ddim", description="One of: " + ", ".join(sorted(SCHEDULERS)))
+    width: int = Field(512, ge=8, le=4096, description="Image width in pixels, a multiple of 8.")
+    height: int = Field(512, ge=8, le=4096, description="Image height in pixels, a multiple of 8.")
+    negative_prompt: str = Field("", description="Negative prompt for rows without one.")
+    eta: float = Field(0.0, ge=0, description="DDIM eta (noise in DDIM steps); ignored by other schedulers.")
+    seed: int = Field(0, ge=0, description="Job seed: rows without a seed get one derived from (seed, id, sample).")
+    num_images: int = Field(1, ge=1, le=10_000, description="Images per row for rows without num_images.")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        if name not in SCHEDULERS:
+            raise ValueError(f"must be one of {sorted(SCHEDULERS)}")
+        return name
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, side: int) -> int:
+        if side % 8:
+            raise ValueError("must be a multiple of 8")
+        return side
+
+    @field_validator("guidance_scale", "eta")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be finite")
+        return value
+
+
+class OutputSpec(Section):
+    uri: str = Field("out/demo", description="Local directory or s3://bucket/prefix for images and manifests.")
+    format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
+    quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality (ignored for PNG).")
+    retry_deadline_s: float = Field(
+        300.0, gt=0, description="How long one storage operation may keep retrying before the job fails."
+    )
+    upload_workers: int = Field(16, ge=1, le=256, description="Parallel uploads per storage task.")
+    retry_errors: bool = Field(True, description="On resume, regenerate rows whose last attempt was an error.")
+
+
+class ComputeSpec(Section):
+    address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local Ray.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Rows per generator call.")
+    min_actors: int = Field(1, ge=1, description="Generator actors kept alive.")
+    max_actors: int | None = Field(
+        None, ge=1, description="Most generator actors; None = one per GPU, or min_actors on CPU-only clusters."
+    )
+    gpus_per_actor: float | None = Field(None, ge=0, description="None = 1 when the cluster has GPUs, else 0.")
+    cpus_per_actor: float | None = Field(
+        None, gt=0, description="None = 1 with GPUs; on CPU-only clusters a share that leaves room for other stages."
+    )
+    torch_threads: int | None = Field(None, ge=1, description="Torch threads per actor; None = from the CPU share.")
+    cpus_per_storage_task: float = Field(0.25, gt=0, description="CPUs reserved per encode+upload task.")
+    accelerator_resource: str | None = Field(
+        None, description="Custom Ray resource the generator actors require (1 unit each), e.g. to pin to nodes."
+    )
+    no_progress_timeout_s: float = Field(
+        600.0, gt=0, description="Fail the job when no block completes for this long (a hung stage)."
+    )
+
+
+class JobSpec(Section):
+    input: InputSpec = InputSpec()
+    model: ModelSpec = ModelSpec()
+    sampling: SamplingSpec = SamplingSpec()
+    output: OutputSpec = OutputSpec()
+    compute: ComputeSpec = ComputeSpec()
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"])
+        shown = repr(item.get("input"))
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"{source}: `{field}` {item['msg'].lower()} (got {shown})")
+    return "\n".join(lines)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise JobConfigError(f"spec: `{part}` must be a mapping to set {dotted}")
+    node[leaf] = value
+
+
+def load_spec(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Read a YAML spec (or the embedded defaults), apply dotted overrides, validate everything."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise JobConfigError(f"cannot read job spec {source!r}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise JobConfigError(f"job spec {source!r} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise JobConfigError(f"job spec {source!r} must be a mapping, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(tree, dotted, value)
+    try:
+        return JobSpec.model_validate(tree)
+    except ValidationError as e:
+        raise JobConfigError(_describe(e, source)) from None
+
+
+def dump_spec(spec: JobSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,137 @@
+"""The Ray Data stages: a generator actor that holds one model, and a CPU stage that encodes and stores."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from batchgen.encode import CONTENT_TYPES, EXTENSIONS, encode_image
+from batchgen.manifest import write_manifest
+from batchgen.prompts import WORK_SCHEMA
+from batchgen.storage import Storage, object_key
+
+logger = logging.getLogger(__name__)
+
+# The generator's output: the work row plus raw pixels (H*W*3 uint8) and what generation recorded.
+GENERATED_SCHEMA = WORK_SCHEMA.append(pa.field("pixels", pa.binary()))
+for _name, _type in [("truncated", pa.bool_()), ("generate_ms", pa.float64()), ("batch_size", pa.int64()),
+                     ("worker", pa.string())]:
+    GENERATED_SCHEMA = GENERATED_SCHEMA.append(pa.field(_name, _type))
+
+SUMMARY_SCHEMA = pa.schema(
+    [("manifest", pa.string()), ("ok", pa.int64()), ("errors", pa.int64()), ("skipped", pa.int64()),
+     ("first_stored_at", pa.float64())]
+)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What every manifest row records about the model."""
+
+    source: str
+    revision: str | None
+    sha256: str
+    dtype: str
+
+
+def library_versions() -> str:
+    from importlib.metadata import version
+
+    names = ("batchgen", "torch", "diffusers", "transformers", "ray")
+    return json.dumps({n: version(n) for n in names}, sort_keys=True)
+
+
+class GeneratorActor:
+    """Loads the model once; each call generates the pending rows of a batch and passes the others on."""
+
+    def __init__(self, model_options: dict[str, Any], batch_size: int, torch_threads: int):
+        import torch
+
+        from batchgen.engine import Engine
+        from batchgen.loading import load_model
+
+        # Ray sets OMP_NUM_THREADS=1 in workers; match torch to the CPU share this actor was given.
+        torch.set_num_threads(torch_threads)
+        self.model = load_model(**model_options)
+        self.engine = Engine(self.model, max_batch_size=batch_size)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from batchgen.engine import GenerationRequest
+
+        rows = batch.to_pylist()
+        pending = [r for r in rows if r["status"] == "pending"]
+        requests = [
+            GenerationRequest(
+                prompt=r["prompt"], seed=r["seed"], negative_prompt=r["negative_prompt"],
+                guidance_scale=r["guidance_scale"], steps=r["steps"], width=r["width"], height=r["height"],
+                scheduler=r["scheduler"], eta=r["eta"],
+            )
+            for r in pending
+        ]
+        for row, result in zip(pending, self.engine.generate(requests), strict=True):
+            row.update(truncated=result.truncated, generate_ms=result.generate_ms, batch_size=result.batch_size,
+                       worker=self.worker)
+            if result.ok:
+                row.update(status="ok", pixels=np.ascontiguousarray(result.image).tobytes())
+            else:
+                row.update(status="error", error=result.error)
+        return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
+
+
+def image_key(row_id: str, sample_index: int, fmt: str) -> str:
+    """images/{2-hex shard}/{escaped id}_{sample}.{ext}: inside the prefix, unique, spread over shards."""
+    shard = hashlib.sha256(row_id.encode()).hexdigest()[:2]
+    return object_key("images", shard, f"{row_id}_{sample_index}.{EXTENSIONS[fmt]}")
+
+
+class StoreStage:
+    """Encodes a batch's images, uploads them in parallel, then writes the manifest part that lists them."""
+
+    def __init__(self, storage: Storage, fmt: str, quality: int, model: ModelFacts, run_id: str):
+        self.storage = storage
+        self.fmt = fmt
+        self.quality = quality
+        self.model = model
+        self.run_id = run_id
+        self.versions = library_versions()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        skipped = sum(r["skipped"] or 0 for r in rows if r["status"] == "tally")
+        rows = [r for r in rows if r["status"] != "tally"]
+        uploads = []
+        for row in rows:
+            row.update(model=self.model.source, model_revision=self.model.revision, model_sha256=self.model.sha256,
+                       dtype=self.model.dtype, format=self.fmt, versions=self.versions, run_id=self.run_id)
+            if row["status"] != "ok":
+                continue
+            start = time.perf_counter()
+            pixels = np.frombuffer(row.pop("pixels"), dtype=np.uint8).reshape(row["height"], row["width"], 3)
+            data = encode_image(pixels, self.fmt, self.quality)
+            key = image_key(row["id"], row["sample_index"], self.fmt)
+            row.update(encode_ms=(time.perf_counter() - start) * 1000, image_uri=self.storage.uri_for(key),
+                       sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+            uploads.append((key, data, CONTENT_TYPES[self.fmt]))
+        start = time.perf_counter()
+        if uploads:
+            self.storage.put_many(uploads)
+        upload_ms = (time.perf_counter() - start) * 1000 / max(1, len(uploads))
+        stored_at = time.time() if uploads else None
+        for row in rows:
+            if row["status"] == "ok":
+                row["upload_ms"] = upload_ms
+        manifest = write_manifest(self.storage, rows) if rows else None
+        ok = sum(r["status"] == "ok" for r in rows)
+        summary = {"manifest": manifest, "ok": ok, "errors": len(rows) - ok, "skipped": skipped,
+                   "first_stored_at": stored_at}
+        return pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA)
