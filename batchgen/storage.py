@@ -1,0 +1,299 @@
+"""Read and write job outputs under one root: a local directory or an s3://bucket/prefix URI."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import re
+import stat
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any, TypeVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError, SSLError
+
+from batchgen.errors import JobConfigError, StorageError
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_MAX_PART_CHARS = 150
+_HASH_CHARS = 20
+_TEMP_NAME = re.compile(r"\..+\.tmp-[0-9a-f]{32}")
+_TRANSIENT_CODES = frozenset({"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"})
+_FIRST_BACKOFF_S = 0.25
+_MAX_BACKOFF_S = 5.0
+_CLIENT_LOCK = threading.Lock()  # boto3 client creation is rare; one lock keeps S3Storage picklable
+
+
+class NotFound(StorageError):
+    """The object does not exist."""
+
+
+def object_key(part: str, *parts: str) -> str:
+    """Join id parts into a key that stays under the output root and differs for every distinct input.
+
+    Each part is UTF-8 encoded and every byte outside ``[A-Za-z0-9._-]`` becomes ``%XX`` (uppercase hex),
+    so no part holds "/", "\\" or control characters; a leading "." becomes "%2E", so no part is "." or
+    ".." or hidden. "~" never comes out of that encoding, so it marks the two other forms: the empty part
+    is "~", and a part encoded longer than 150 characters becomes its first (at most) 128 characters, "~"
+    and 20 hex digits of the SHA-256 of the whole part, unique up to an 80-bit hash collision. Hence
+    ``object_key("a/b") == "a%2Fb"`` while ``object_key("a", "b") == "a/b"``."""
+    return "/".join(_escape_part(each) for each in (part, *parts))
+
+
+def _escape_part(part: str) -> str:
+    raw = part.encode("utf-8", "surrogatepass")
+    if not raw:
+        return "~"
+    escaped = "".join(chr(byte) if byte in _SAFE_BYTES else f"%{byte:02X}" for byte in raw)
+    if escaped.startswith("."):
+        escaped = "%2E" + escaped[1:]
+    if len(escaped) <= _MAX_PART_CHARS:
+        return escaped
+    head = escaped[: _MAX_PART_CHARS - _HASH_CHARS - 2]
+    cut = head.find("%", len(head) - 2)
+    if cut != -1:  # do not split a %XX escape
+        head = head[:cut]
+    return f"{head}~{hashlib.sha256(raw).hexdigest()[:_HASH_CHARS]}"
+
+
+def _check_key(key: str) -> None:
+    if not key or key.startswith("/") or "\0" in key or {"", ".", ".."} & set(key.split("/")):
+        raise ValueError(f"storage key must be a relative path without empty, '.' or '..' parts, got {key!r}")
+
+
+def open_storage(uri: str, *, retry_deadline_s: float = 120.0, max_workers: int = 16) -> Storage:
+    """Open the output root `uri`: a local path, ``file://`` path or ``s3://bucket/prefix``."""
+    if retry_deadline_s < 0:
+        raise JobConfigError(f"`retry_deadline_s` must be >= 0 but is {retry_deadline_s}")
+    if max_workers < 1:
+        raise JobConfigError(f"`max_workers` must be >= 1 but is {max_workers}")
+    scheme, separator, rest = uri.partition("://")
+    scheme = scheme.lower() if separator else ""
+    if scheme == "s3":
+        return S3Storage(rest, retry_deadline_s=retry_deadline_s, max_workers=max_workers)
+    if scheme not in ("", "file") or not uri:
+        raise JobConfigError(f"unsupported output URI {uri!r}: use a local path, file://path or s3://bucket/prefix")
+    return LocalStorage(rest if separator else uri, file_uri=scheme == "file", max_workers=max_workers)
+
+
+class Storage(ABC):
+    """Objects under one root, addressed by "/"-separated keys relative to it."""
+
+    uri: str
+    max_workers: int
+
+    def uri_for(self, key: str) -> str:
+        return f"{self.uri}/{key}"
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        """Store `data` whole or not at all, replacing any object at `key`."""
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """Return the object's bytes; raise `NotFound` when it does not exist."""
+
+    @abstractmethod
+    def size(self, key: str) -> int | None:
+        """Return the object's size in bytes, or None when it does not exist."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Yield the keys that start with `prefix`, at any depth, in sorted order."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing object is not an error."""
+
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def put_many(self, items: Iterable[tuple[str, bytes, str | None]]) -> None:
+        """Put (key, data, content_type) items in parallel; raise the first failure once all are done."""
+        with ThreadPoolExecutor(self.max_workers, thread_name_prefix="storage-put") as pool:
+            futures = [pool.submit(self.put, key, data, content_type) for key, data, content_type in items]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for future in futures:
+                future.cancel()
+        errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
+        if len(errors) > 1:
+            logger.warning("%d uploads under %s failed; raising the first", len(errors), self.uri)
+        if errors:
+            raise errors[0]
+
+
+class LocalStorage(Storage):
+    """A directory; `put` writes a hidden temp file beside the target and renames it into place."""
+
+    def __init__(self, path: str, *, file_uri: bool = False, max_workers: int = 16):
+        self.root = Path(path).expanduser().absolute()
+        self.uri = f"file://{self.root}" if file_uri else str(self.root)
+        self.max_workers = max_workers
+
+    def _path(self, key: str) -> Path:
+        _check_key(key)
+        return self.root / key
+
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        path = self._path(key)
+        temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                temp.write_bytes(data)
+                os.replace(temp, path)
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise StorageError(f"put {self.uri_for(key)} failed: {exc}") from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            raise NotFound(f"get {self.uri_for(key)}: no such object") from exc
+        except OSError as exc:
+            raise StorageError(f"get {self.uri_for(key)} failed: {exc}") from exc
+
+    def size(self, key: str) -> int | None:
+        try:
+            info = self._path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise StorageError(f"size {self.uri_for(key)} failed: {exc}") from exc
+        return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        directory = prefix.rpartition("/")[0]
+        if directory:
+            _check_key(directory)
+
+        def fail(exc: OSError) -> None:
+            if not isinstance(exc, FileNotFoundError):
+                raise StorageError(f"list {self.uri_for(prefix)} failed: {exc}") from exc
+
+        keys = []
+        for walked, _, names in os.walk(self.root / directory, onerror=fail):
+            relative = Path(walked).relative_to(self.root).as_posix()
+            for name in names:
+                key = name if relative == "." else f"{relative}/{name}"
+                if key.startswith(prefix) and not _TEMP_NAME.fullmatch(name):
+                    keys.append(key)
+        return iter(sorted(keys))
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"delete {self.uri_for(key)} failed: {exc}") from exc
+
+
+class S3Storage(Storage):
+    """A bucket prefix on any S3-compatible endpoint; endpoint, region and credentials come from the
+    standard AWS environment and config files. Transient failures are retried until the deadline."""
+
+    def __init__(self, bucket_and_prefix: str, *, retry_deadline_s: float = 120.0, max_workers: int = 16,
+                 list_page_size: int = 1000):
+        bucket, _, prefix = bucket_and_prefix.partition("/")
+        if not bucket:
+            raise JobConfigError(f"output URI 's3://{bucket_and_prefix}' names no bucket")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.retry_deadline_s = retry_deadline_s
+        self.max_workers = max_workers
+        self.list_page_size = list_page_size
+        self._client: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    def _s3(self) -> Any:
+        with _CLIENT_LOCK:
+            if self._client is None:
+                config = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5,
+                                read_timeout=60, max_pool_connections=self.max_workers)
+                self._client = boto3.session.Session().client("s3", config=config)
+            return self._client
+
+    def _object_key(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, operation: str, key: str, request: Callable[[Any], _T]) -> _T:
+        """Run `request(client)`, retrying unreachable-endpoint and 5xx/throttling errors with backoff until
+        `retry_deadline_s`, checked between attempts (one botocore call with its own retries may overrun)."""
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return request(self._s3())
+            except (BotoCoreError, ClientError) as exc:
+                error = exc
+            code = error.response.get("Error", {}).get("Code") if isinstance(error, ClientError) else None
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise NotFound(f"{operation} {self.uri_for(key)}: no such object") from error
+            elapsed = time.monotonic() - started
+            if not _is_transient(error) or elapsed >= self.retry_deadline_s:
+                tried = f" after {attempt} attempts in {elapsed:.1f}s" if attempt > 1 else ""
+                raise StorageError(f"{operation} {self.uri_for(key)} failed{tried}: {error}") from error
+            backoff = random.uniform(0, min(_MAX_BACKOFF_S, _FIRST_BACKOFF_S * 2**attempt))
+            delay = min(backoff, self.retry_deadline_s - elapsed)
+            logger.warning("%s %s failed (attempt %d, retrying in %.1fs): %s",
+                           operation, self.uri_for(key), attempt, delay, error)
+            time.sleep(delay)
+
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        name = self._object_key(key)
+        extra = {"ContentType": content_type} if content_type else {}
+        self._call("put", key, lambda s3: s3.put_object(Bucket=self.bucket, Key=name, Body=data, **extra))
+
+    def get(self, key: str) -> bytes:
+        name = self._object_key(key)
+        return self._call("get", key, lambda s3: s3.get_object(Bucket=self.bucket, Key=name)["Body"].read())
+
+    def size(self, key: str) -> int | None:
+        name = self._object_key(key)
+        try:
+            head = self._call("size", key, lambda s3: s3.head_object(Bucket=self.bucket, Key=name))
+        except NotFound:
+            return None
+        return int(head["ContentLength"])
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        request = {"Bucket": self.bucket, "Prefix": root + prefix, "MaxKeys": self.list_page_size}
+        while True:
+            page = self._call("list", prefix, lambda s3: s3.list_objects_v2(**request))
+            for item in page.get("Contents", []):
+                yield item["Key"][len(root) :]
+            if not page.get("IsTruncated"):
+                return
+            request["ContinuationToken"] = page["NextContinuationToken"]
+
+    def delete(self, key: str) -> None:
+        name = self._object_key(key)
+        self._call("delete", key, lambda s3: s3.delete_object(Bucket=self.bucket, Key=name))
+
+
+def _is_transient(error: Exception) -> bool:
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        code = error.response.get("Error", {}).get("Code")
+        return status >= 500 or status == 429 or code in _TRANSIENT_CODES
+    return isinstance(error, (ConnectionError, HTTPClientError)) and not isinstance(error, SSLError)
