@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.s3server", "tests.models"]
+pytest_plugins = ["tests.s3server", "tests.models", "tests.jobs"]
