@@ -110,6 +110,10 @@ def load_model(
     if allow_pickle:
         logger.warning("model.allow_pickle is set: pickle checkpoints can run arbitrary code when loaded")
 
+    if source.startswith("s3://"):
+        from batchgen.staging import stage_model
+
+        source = str(stage_model(source))
     local = Path(source).expanduser()
     is_local = local.exists() or source.startswith((".", "/", "~"))
     if is_local:

@@ -90,7 +90,11 @@ def prepare_model(spec: JobSpec) -> tuple[dict[str, Any], ModelFacts]:
 
         logger.info("building tiny %s model at %s", m.make_tiny_if_missing, local)
         make_tiny_model(local, m.make_tiny_if_missing)
-    if local.exists() or source.startswith((".", "/", "~")):
+    if source.startswith("s3://"):
+        from batchgen.staging import remote_model_sha256
+
+        digest = remote_model_sha256(source)
+    elif local.exists() or source.startswith((".", "/", "~")):
         check_model_dir(local, m.allow_pickle)
         source = str(local.resolve())
         digest = weights_sha256(local)
