@@ -312,24 +312,25 @@ def describe_groups(plan: InputPlan, sampling: SamplingSpec) -> tuple[int, dict[
     """(images, images per (steps, width, height, scheduler, eta) group): reads only those columns."""
     fs, _ = filesystem_for(plan.uri)
     group_fields = ("steps", "width", "height", "scheduler", "eta")
-    wanted = [f for f in (*group_fields, "num_images") if f in plan.columns]
     images = 0
     groups: dict[tuple, int] = {}
     for path in plan.files:
         with fs.open_input_file(path) as f:
-            names = set(pq.ParquetFile(f).schema_arrow.names)
-            columns = [plan.columns[w] for w in wanted if plan.columns[w] in names]
-            table = pq.read_table(f, columns=columns) if columns else None
-        count = pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
-        values = {w: table.column(plan.columns[w]).to_pylist() for w in wanted if table is not None
-                  and plan.columns[w] in table.column_names}
-        for i in range(count):
-            n = values["num_images"][i] if "num_images" in values else None
-            n = sampling.num_images if n is None else n
+            parquet = pq.ParquetFile(f)
+            present = set(parquet.schema_arrow.names)
+            wanted = {field: column for field, column in plan.columns.items()
+                      if field in (*group_fields, "num_images") and column in present}
+            table = parquet.read(columns=list(wanted.values()))
+        values = {field: table.column(column).to_pylist() for field, column in wanted.items()}
+        for i in range(table.num_rows):
+            count = values.get("num_images", [None] * table.num_rows)[i]
+            count = sampling.num_images if count is None else count
+            if not isinstance(count, int):
+                continue  # an error row: no images
             key = tuple(
                 values[g][i] if g in values and values[g][i] is not None else getattr(sampling, g)
                 for g in group_fields
             )
-            images += n if isinstance(n, int) else 0
-            groups[key] = groups.get(key, 0) + (n if isinstance(n, int) else 0)
+            images += count
+            groups[key] = groups.get(key, 0) + count
     return images, groups

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from batchgen.errors import JobConfigError
 from batchgen.schedulers import SCHEDULERS
 
+DEMO_PROMPTS = str(Path(__file__).resolve().parent / "data" / "demo_prompts.parquet")
+
 ROW_FIELDS = (
     "id",
     "prompt",
@@ -33,8 +35,9 @@ class Section(BaseModel):
 
 class InputSpec(Section):
     prompts: str = Field(
-        "batchgen/data/demo_prompts.parquet",
-        description="Parquet prompt table: a file, a directory, a glob, or an s3:// URI of any of those.",
+        DEMO_PROMPTS,
+        description="Parquet prompt table: a file, a directory, a glob, or an s3:// URI of any of those. "
+        "Default: the 50-prompt demo table shipped with the package.",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
