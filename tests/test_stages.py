@@ -1,0 +1,82 @@
+"""The Ray stages called directly, without a cluster: generator actor and encode+store stage."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from batchgen.manifest import read_manifests
+from batchgen.prompts import WORK_SCHEMA
+from batchgen.stages import GENERATED_SCHEMA, GeneratorActor, ModelFacts, StoreStage, image_key
+from batchgen.storage import open_storage
+
+
+def work_row(row_id: str, status: str = "pending", **fields) -> dict:
+    row = {"id": row_id, "sample_index": 0, "prompt": f"a photo of {row_id}", "negative_prompt": "", "seed": 3,
+           "guidance_scale": 5.0, "steps": 2, "width": 32, "height": 24, "scheduler": "ddim", "eta": 0.0,
+           "status": status, "error": None, "extra": "{}", "skipped": 0}
+    row.update(fields)
+    return row
+
+
+@pytest.fixture(scope="module")
+def actor(tiny_model_dir):
+    options = {"source": str(tiny_model_dir), "device": "cpu", "dtype": "float32"}
+    return GeneratorActor(options, batch_size=4, torch_threads=1)
+
+
+def test_generator_generates_pending_and_passes_others(actor):
+    rows = [
+        work_row("a"),
+        work_row("bad", status="error", error="`steps` must be ..."),
+        {"id": "", "sample_index": -1, "status": "tally", "skipped": 5},
+        work_row("b", seed=4, steps=300_000),
+    ]
+    out = actor(pa.Table.from_pylist(rows, schema=WORK_SCHEMA)).to_pylist()
+    assert [r["status"] for r in out] == ["ok", "error", "tally", "error"]
+    assert len(out[0]["pixels"]) == 24 * 32 * 3 and out[0]["batch_size"] == 1 and out[0]["worker"]
+    assert out[1]["error"] == "`steps` must be ..." and out[1]["pixels"] is None
+    assert out[2]["skipped"] == 5
+    assert "`steps` must be an integer in [1, 1000] but is 300000" in out[3]["error"]
+
+
+@pytest.mark.parametrize(("fmt", "ext"), [("png", "png"), ("jpeg", "jpg"), ("webp", "webp")])
+def test_store_encodes_uploads_then_writes_manifest(tmp_path, fmt, ext):
+    storage = open_storage(str(tmp_path / "out"))
+    pixels = np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    rows = [
+        {**work_row("../../etc/passwd"), "status": "ok", "pixels": pixels.tobytes(), "truncated": False,
+         "generate_ms": 1.0, "batch_size": 2, "worker": "w"},
+        {**work_row("x"), "status": "error", "error": "boom"},
+        {"id": "", "sample_index": -1, "status": "tally", "skipped": 2},
+    ]
+    stage = StoreStage(storage, fmt, 80, ModelFacts("m", None, "f" * 64, "float32"), "run1")
+    (summary,) = stage(pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)).to_pylist()
+    assert (summary["ok"], summary["errors"], summary["skipped"]) == (1, 1, 2)
+    ((part, table),) = list(read_manifests(storage))
+    assert part == summary["manifest"]
+    ok, error = table.to_pylist()
+    key = ok["image_uri"][len(storage.uri) + 1 :]
+    assert key.startswith("images/") and key.endswith(f".{ext}") and ".." not in key.split("/")
+    data = storage.get(key)
+    assert hashlib.sha256(data).hexdigest() == ok["sha256"] and len(data) == ok["bytes"]
+    image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert image.shape == (24, 32, 3)
+    if fmt == "png":
+        assert np.array_equal(image, pixels), "PNG is lossless"
+    assert (error["status"], error["error"], error["image_uri"]) == ("error", "boom", None)
+    assert ok["model_sha256"] == "f" * 64 and ok["run_id"] == "run1" and ok["upload_ms"] >= 0
+
+
+def test_image_keys_stay_inside_and_unique():
+    ids = ["a", "a/b", "a%2Fb", "../x", "..", ".", "", "é", "a b", "🦊", "\u202eabc", "x" * 5000]
+    keys = [image_key(i, 0, "png") for i in ids]
+    assert len(set(keys)) == len(ids)
+    for key in keys:
+        parts = key.split("/")
+        assert parts[0] == "images" and len(parts) == 3 and all(p not in ("", ".", "..") for p in parts)
