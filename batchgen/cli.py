@@ -1,4 +1,5 @@
-"""The `batchgen` command line: run, validate, inspect, make-tiny-model. Logging is configured here only."""
+"""The `batchgen` command line: run, validate, inspect, make-tiny-model; submit, status, logs, stop for Ray
+clusters; sweep. Logging is configured here only."""
 
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ def setup_logging(verbose: bool) -> None:
     )
     for noisy in ("ray", "botocore", "urllib3", "filelock", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def job_options(command):
@@ -63,7 +69,8 @@ def job_options(command):
         click.option("--num-images", type=int, help="Images per row for rows without num_images."),
         click.option("--format", type=click.Choice(["png", "jpeg", "webp"])),
         click.option("--quality", type=int, help="JPEG/WebP quality."),
-        click.option("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)."),
+        click.option("--address", help="Ray address (default: RAY_ADDRESS or a local Ray); for submit, the "
+                     "dashboard URL (default: RAY_ADDRESS or http://127.0.0.1:8265)."),
         click.option("--min-actors", type=int),
         click.option("--max-actors", type=int),
         click.option("--retry-errors/--no-retry-errors", default=None,
@@ -179,3 +186,136 @@ def make_tiny_model_command(directory, family, size):
 
     path = make_tiny_model(directory, family, size)
     click.echo(str(path))
+
+
+def cluster_address(command):
+    return click.option("--address", help="Dashboard URL of the Ray cluster (default: RAY_ADDRESS or "
+                        "http://127.0.0.1:8265).")(command)
+
+
+def follow_job(client, job_id: str) -> None:
+    """Stream the job's log to stdout and exit with its result."""
+    from batchgen.submit import exit_code, follow
+
+    try:
+        status = follow(client, job_id, lambda text: click.echo(text, nl=False))
+    except KeyboardInterrupt:
+        click.echo(f"\nbatchgen: stopped following; job {job_id} keeps running (batchgen stop {job_id})", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001
+        fail(e)
+    click.echo(f"batchgen: job {job_id} {status}", err=True)
+    sys.exit(exit_code(status))
+
+
+@main.command()
+@job_options
+@click.option("--follow", is_flag=True, help="Stream the job's log and exit with its result (0 succeeded, 1 not).")
+@click.option("--ship-package/--no-ship-package", default=True, show_default=True,
+              help="Upload this batchgen package with the job; --no-ship-package uses the one in the cluster's image.")
+@click.option("--check-inputs/--no-check-inputs", default=True, show_default=True,
+              help="Check the prompt table, model and output from here before submitting; skip it for local "
+                   "paths that exist only on the cluster's nodes (the spec's fields are always checked).")
+def submit(spec, verbose, follow, ship_package, check_inputs, address, **flags):
+    """Run a job on a Ray cluster through its Jobs API; prints the job id."""
+    setup_logging(verbose)
+    try:
+        from batchgen.pipeline import plan_job
+        from batchgen.submit import connect, dashboard_address, submit_job
+
+        job = load_job(spec, flags)
+        if check_inputs:
+            plan_job(job)
+        client = connect(dashboard_address(address))
+        job_id = submit_job(client, job, ship_package=ship_package, verbose=verbose)
+    except Exception as e:  # noqa: BLE001
+        logger.debug("failure", exc_info=True)
+        fail(e)
+    click.echo(job_id)
+    logger.info("submitted; `batchgen logs -f %s` follows it, `batchgen stop %s` stops it", job_id, job_id)
+    if follow:
+        follow_job(client, job_id)
+
+
+@main.command()
+@click.argument("job_id")
+@cluster_address
+def status(job_id, address):
+    """Print a submitted job's state as JSON."""
+    setup_logging(False)
+    try:
+        from batchgen.submit import connect, dashboard_address, describe
+
+        details = describe(connect(dashboard_address(address)), job_id)
+    except Exception as e:  # noqa: BLE001
+        fail(e)
+    click.echo(json.dumps(details, indent=2))
+
+
+@main.command()
+@click.argument("job_id")
+@cluster_address
+@click.option("-f", "--follow", is_flag=True, help="Stream until the job ends and exit with its result.")
+def logs(job_id, address, follow):
+    """Print a submitted job's driver log."""
+    setup_logging(False)
+    try:
+        from batchgen.submit import connect, dashboard_address, job_logs
+
+        client = connect(dashboard_address(address))
+        text = "" if follow else job_logs(client, job_id)
+    except Exception as e:  # noqa: BLE001
+        fail(e)
+    if follow:
+        follow_job(client, job_id)
+    click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("job_id")
+@cluster_address
+def stop(job_id, address):
+    """Stop a submitted job (its driver and every task and actor it started)."""
+    setup_logging(False)
+    try:
+        from batchgen.submit import connect, dashboard_address, stop_job
+
+        stopped = stop_job(connect(dashboard_address(address)), job_id)
+    except Exception as e:  # noqa: BLE001
+        fail(e)
+    click.echo(f"stop requested for job {job_id}" if stopped else f"job {job_id} had already ended")
+
+
+def number_list(kind):
+    def parse(ctx, param, value):
+        try:
+            return [kind(item) for item in value.split(",") if item.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {kind.__name__}s, got {value!r}") from None
+
+    return parse
+
+
+@main.command()
+@click.argument("prompts", type=click.Path(dir_okay=False))
+@click.argument("output")
+@click.option("--guidance-scales", required=True, callback=number_list(float), help="e.g. 3,5,7.5")
+@click.option("--schedulers", required=True, callback=lambda ctx, param, value: [
+    s.strip() for s in value.split(",") if s.strip()], help="e.g. ddim,euler_a,dpmpp_2m_karras")
+@click.option("--seeds", required=True, callback=number_list(int), help="e.g. 0,1,2,3")
+def sweep(prompts, output, guidance_scales, schedulers, seeds):
+    """Write a prompt table with one row per (prompt, guidance scale, scheduler, seed) for a sweep job.
+
+    PROMPTS is a text file (one prompt per line, # comments) or a Parquet file with a prompt column;
+    OUTPUT is a .parquet path or s3:// URI, to use as the job's input.prompts."""
+    setup_logging(False)
+    try:
+        from batchgen.sweep import expand_sweep, read_prompt_list, write_table
+
+        prompt_list = read_prompt_list(prompts)
+        table = expand_sweep(prompt_list, guidance_scales, schedulers, seeds)
+        where = write_table(table, output)
+    except Exception as e:  # noqa: BLE001
+        fail(e)
+    click.echo(f"wrote {table.num_rows} rows ({len(prompt_list)} prompts x {len(guidance_scales)} guidance scales "
+               f"x {len(schedulers)} schedulers x {len(seeds)} seeds) to {where}")
