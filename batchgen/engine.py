@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -88,20 +88,60 @@ def validate_request(req: GenerationRequest, vae_scale_factor: int = 8) -> None:
         raise RowError("eta", req.eta, "must be a finite number >= 0")
 
 
+# After this many chunks without running out of memory, a lowered batch limit doubles (up to the maximum).
+GROW_AFTER = 16
+
+
+@dataclass
+class _LaunchedChunk:
+    """A chunk whose compute is queued and whose images are on their way to host memory.
+
+    On CUDA the copy into pinned memory is non-blocking and `ready` marks its end, so the next chunk's
+    kernels are queued before anyone waits for this one; on CPU everything is already done."""
+
+    indices: list[int]
+    rows: list[GenerationRequest]
+    images: torch.Tensor  # (B, H, W, C) on the host
+    finite: torch.Tensor  # (B,) bool on the host
+    elapsed_ms: float | None = None  # known at launch on CPU; from the events on CUDA
+    start_event: Any = None
+    ready: Any = None
+
+    def collect(self, results: list[GenerationResult | None]) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.elapsed_ms = self.start_event.elapsed_time(self.ready)
+        per_row_ms = (self.elapsed_ms or 0.0) / len(self.rows)
+        array = self.images.numpy()
+        for n, (i, req, finite) in enumerate(zip(self.indices, self.rows, self.finite.tolist(), strict=True)):
+            if finite:
+                results[i] = GenerationResult(array[n], req.seed, generate_ms=per_row_ms, batch_size=len(self.rows))
+            else:
+                error = "generation produced non-finite values (NaN/inf latents); row not stored"
+                results[i] = GenerationResult(None, req.seed, error=error, generate_ms=per_row_ms,
+                                              batch_size=len(self.rows))
+
+
 class Engine:
     """Runs batches of GenerationRequests on one loaded model.
 
     The same row gives the same image whatever the batch size and whatever rows share its batch:
     initial and per-step noise come from a CPU generator per row seeded with the row's seed, and all
-    other per-row quantities (guidance, conditioning) are indexed, never shared.
+    other per-row quantities (guidance, conditioning) are indexed, never shared. That is also what makes
+    the out-of-memory fallback safe: a chunk that runs out of accelerator memory is retried in halves,
+    and the batch limit grows back after `grow_after` chunks that fit.
     """
 
-    def __init__(self, model: LoadedModel, max_batch_size: int | None = None):
+    def __init__(self, model: LoadedModel, max_batch_size: int | None = None, grow_after: int = GROW_AFTER):
         self.model = model
         self.adapter: FamilyAdapter = model.adapter
         self.device = model.device
         self.dtype = model.dtype
         self.max_batch_size = max_batch_size
+        self.batch_limit = max_batch_size  # lowered on out-of-memory, raised back after grow_after good chunks
+        self.grow_after = grow_after
+        self._fitted = 0
+        self._ran_out_at = 0
         self._empty: Conditioning | None = None
 
     def empty_conditioning(self) -> Conditioning:
@@ -133,37 +173,91 @@ class Engine:
         position[""] = len(texts)
         truncated = dict(zip(texts, encoded.truncated, strict=True)) if encoded else {}
 
-        # 2. Group rows that can share a loop; split groups to the batch limit.
+        # 2. Group rows that can share a loop; run each group in chunks of at most the batch limit.
+        # A chunk's images are collected only once the next chunk is queued (overlaps the copy on CUDA).
         groups: dict[tuple, list[int]] = {}
         for i in valid:
             groups.setdefault(requests[i].group_key(), []).append(i)
-        step = self.max_batch_size or len(valid)
+        pending: _LaunchedChunk | None = None
         for members in groups.values():
-            for start in range(0, len(members), step):
-                chunk = members[start : start + step]
-                self._run_chunk(requests, chunk, table, position, output, results)
+            start = 0
+            while start < len(members):
+                chunk = members[start : start + (self.batch_limit or len(members))]
+                launched = self._launch_or_shrink(requests, chunk, table, position, output, results)
+                if launched is None and len(chunk) > 1:
+                    continue  # retry the same rows at the lowered limit
+                start += len(chunk)
+                if launched is not None:
+                    if pending is not None:
+                        pending.collect(results)
+                    pending = launched
+        if pending is not None:
+            pending.collect(results)
         for i in valid:
             results[i].truncated = truncated.get(requests[i].prompt, False)  # type: ignore[union-attr]
         return results  # type: ignore[return-value]
 
-    def _run_chunk(self, requests, chunk, table, position, output, results) -> None:
+    def _launch_or_shrink(self, requests, chunk, table, position, output, results) -> _LaunchedChunk | None:
+        """Launch a chunk; on out-of-memory lower the batch limit and return None (a lone row becomes an error)."""
+        try:
+            launched = self._launch(requests, chunk, table, position, output)
+        except torch.OutOfMemoryError as e:
+            message = str(e).splitlines()[0] if str(e) else "out of memory"
+        else:
+            self._fitted += 1
+            if self.batch_limit != self.max_batch_size and self._fitted >= self.grow_after:
+                self._grow()
+            return launched
+        # Outside the except block, so the failed attempt's tensors are freed before the cache is emptied.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._fitted = 0
+        if len(chunk) == 1:
+            req = requests[chunk[0]]
+            results[chunk[0]] = GenerationResult(
+                None, req.seed, error=f"out of accelerator memory at batch size 1 ({req.width}x{req.height}, "
+                f"{req.steps} steps): {message}")
+            return None
+        if self.batch_limit == self.max_batch_size:
+            self._ran_out_at = len(chunk)
+        self.batch_limit = len(chunk) // 2
+        logger.warning("out of memory at batch size %d; retrying at %d (%s)", len(chunk), self.batch_limit, message)
+        return None
+
+    def _grow(self) -> None:
+        """Double the lowered limit; back to the configured maximum once it reaches it (or the size that ran out)."""
+        doubled = 2 * self.batch_limit
+        ceiling = self.max_batch_size or self._ran_out_at
+        self.batch_limit = doubled if doubled < ceiling else self.max_batch_size
+        self._fitted = 0
+        logger.info("batch limit back up to %s after %d chunks that fit", self.batch_limit, self.grow_after)
+
+    def _launch(self, requests, chunk, table, position, output) -> _LaunchedChunk:
         rows = [requests[i] for i in chunk]
-        start = time.perf_counter()
+        on_cuda = self.device.type == "cuda"
+        started = time.perf_counter()
+        start_event = torch.cuda.Event(enable_timing=True) if on_cuda else None
+        if start_event is not None:
+            start_event.record()
         cond = take(table, [position[r.prompt] for r in rows])
         uncond = take(table, [position[r.negative_prompt] for r in rows])
         images = self.denoise(rows, cond, uncond)
-        finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
-        if output == "uint8":
-            images = (images * 255).round().to(torch.uint8)
-        array = images.permute(0, 2, 3, 1).cpu().numpy()
-        elapsed_ms = (time.perf_counter() - start) * 1000 / len(rows)
-        for n, (i, req) in enumerate(zip(chunk, rows, strict=True)):
-            if finite[n]:
-                results[i] = GenerationResult(array[n], req.seed, generate_ms=elapsed_ms, batch_size=len(rows))
-            else:
-                error = "generation produced non-finite values (NaN/inf latents); row not stored"
-                results[i] = GenerationResult(None, req.seed, error=error, generate_ms=elapsed_ms,
-                                              batch_size=len(rows))
+        with torch.inference_mode():
+            finite = torch.isfinite(images).flatten(1).all(dim=1)
+            if output == "uint8":
+                images = (images * 255).round().to(torch.uint8)
+            images = images.permute(0, 2, 3, 1)
+            if not on_cuda:
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                return _LaunchedChunk(chunk, rows, images.cpu(), finite.cpu(), elapsed_ms)
+            # Queue the copies behind the compute; the next chunk is queued before anyone waits on `ready`.
+            host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+            host.copy_(images, non_blocking=True)
+            finite_host = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
+            finite_host.copy_(finite, non_blocking=True)
+            ready = torch.cuda.Event(enable_timing=True)
+            ready.record()
+        return _LaunchedChunk(chunk, rows, host, finite_host, None, start_event, ready)
 
     @torch.inference_mode()
     def denoise(self, rows: list[GenerationRequest], cond: Conditioning, uncond: Conditioning) -> torch.Tensor:

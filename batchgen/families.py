@@ -62,7 +62,8 @@ class StableDiffusionAdapter(FamilyAdapter):
 
     name = "stable-diffusion"
 
-    def __init__(self, pipe: Any, vae_batch_size: int | None = None):
+    def __init__(self, pipe: Any, vae_batch_size: int | None = None, channels_last: bool | None = None,
+                 compile_denoiser: bool = False):
         self.tokenizer = pipe.tokenizer
         self.text_encoder = pipe.text_encoder
         self.unet = pipe.unet
@@ -72,8 +73,15 @@ class StableDiffusionAdapter(FamilyAdapter):
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.max_prompt_tokens = self.tokenizer.model_max_length
         self.vae_batch_size = vae_batch_size
-        # Models whose VAE overflows in half precision (config.force_upcast) decode in float32.
+        # Models whose VAE overflows in half precision (config.force_upcast) were loaded with a float32
+        # VAE (loading.py); decoding casts the latents to whatever dtype the VAE holds.
         self.vae_dtype = self.vae.dtype
+        self.channels_last = self.unet.device.type == "cuda" if channels_last is None else channels_last
+        if self.channels_last:  # NHWC convolutions: the tensor-core layout on GPUs
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        # Compiled lazily by torch on the first call of each new shape: slower first batch, faster steady state.
+        self.denoiser = torch.compile(self.unet) if compile_denoiser else self.unet
 
     @torch.inference_mode()
     def encode_text(self, prompts: list[str]) -> EncodedText:
@@ -91,7 +99,7 @@ class StableDiffusionAdapter(FamilyAdapter):
         return EncodedText({"encoder_hidden_states": embeds.to(self.unet.dtype)}, truncated)
 
     def predict(self, latents, t, cond, width, height):
-        return self.unet(latents, t, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
+        return self.denoiser(latents, t, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -101,12 +109,13 @@ class StableDiffusionAdapter(FamilyAdapter):
         return (torch.cat(parts).float() / 2 + 0.5).clamp(0, 1)
 
 
-def adapter_for(pipe: Any, vae_batch_size: int | None = None) -> FamilyAdapter:
-    """The adapter for a loaded diffusers pipeline, chosen by its class."""
+def adapter_for(pipe: Any, vae_batch_size: int | None = None, channels_last: bool | None = None,
+                compile_denoiser: bool = False) -> FamilyAdapter:
+    """The adapter for a loaded diffusers pipeline (already on its device), chosen by its class."""
     from diffusers import StableDiffusionPipeline
 
     if isinstance(pipe, StableDiffusionPipeline):
-        return StableDiffusionAdapter(pipe, vae_batch_size)
+        return StableDiffusionAdapter(pipe, vae_batch_size, channels_last, compile_denoiser)
     raise ValueError(
         f"model family of pipeline class {type(pipe).__name__!r} is not supported yet; "
         "supported: StableDiffusionPipeline (SD 1.x, SD 2.x)"

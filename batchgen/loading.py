@@ -97,6 +97,8 @@ def load_model(
     device: str = "auto",
     allow_pickle: bool = False,
     vae_batch_size: int | None = None,
+    channels_last: bool | None = None,
+    compile_denoiser: bool = False,
 ) -> LoadedModel:
     """Load a pipeline from a local directory, or from the hub by id and revision (cached by huggingface_hub)."""
     from diffusers import DiffusionPipeline
@@ -135,7 +137,7 @@ def load_model(
     pipe.to(torch_device)
     pipe.set_progress_bar_config(disable=True)
     try:
-        adapter = adapter_for(pipe, vae_batch_size)
+        adapter = adapter_for(pipe, vae_batch_size, channels_last, compile_denoiser)
     except ValueError as e:
         raise ModelLoadError(f"model {source!r}: {e}") from None
     root = local if is_local else Path(pipe.config._name_or_path)

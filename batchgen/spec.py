@@ -69,7 +69,17 @@ class ModelSpec(Section):
     make_tiny_if_missing: Literal["sd15", "sd2-v"] | None = Field(
         None, description="Build a tiny random-weight model of this family at `source` if it does not exist (demo)."
     )
-    vae_batch_size: int | None = Field(None, ge=1, description="Decode latents in sub-batches of this size.")
+    vae_batch_size: int | None = Field(
+        None, ge=1, description="Decode latents in sub-batches of this size (bounds the VAE's peak memory); "
+        "None = the whole batch at once. Pixels are identical either way."
+    )
+    channels_last: bool | None = Field(
+        None, description="Keep UNet and VAE weights in channels_last (NHWC) memory format; None = on CUDA only."
+    )
+    compile_denoiser: bool = Field(
+        False, description="torch.compile the denoiser: the first batch of each shape pays the compile (a minute "
+        "or more on GPU), later batches run faster. Off by default."
+    )
 
 
 class SamplingSpec(Section):
