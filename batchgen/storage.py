@@ -14,10 +14,12 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
+from boto3.exceptions import RetriesExceededError as S3TransferRetriesExceededError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError, SSLError
 
@@ -38,6 +40,16 @@ _CLIENT_LOCK = threading.Lock()  # boto3 client creation is rare; one lock keeps
 
 class NotFound(StorageError):
     """The object does not exist."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed S3 object. The ETag is the MD5 of the bytes for single-part uploads; for multipart
+    uploads it is derived from the parts' MD5s, so it is not a content hash but still changes with content."""
+
+    key: str
+    size: int
+    etag: str
 
 
 def object_key(part: str, *parts: str) -> str:
@@ -276,15 +288,28 @@ class S3Storage(Storage):
         return int(head["ContentLength"])
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        for info in self.list_objects(prefix):
+            yield info.key
+
+    def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Like `list`, with each object's size and ETag (both come with the listing: no extra requests)."""
         root = f"{self.prefix}/" if self.prefix else ""
         request = {"Bucket": self.bucket, "Prefix": root + prefix, "MaxKeys": self.list_page_size}
         while True:
             page = self._call("list", prefix, lambda s3: s3.list_objects_v2(**request))
             for item in page.get("Contents", []):
-                yield item["Key"][len(root) :]
+                yield ObjectInfo(item["Key"][len(root) :], int(item["Size"]), item.get("ETag", "").strip('"'))
             if not page.get("IsTruncated"):
                 return
             request["ContinuationToken"] = page["NextContinuationToken"]
+
+    def download(self, key: str, path: Path) -> None:
+        """Stream the object into the file `path` (ranged parallel GETs for large objects, constant memory)."""
+        name = self._object_key(key)
+        try:
+            self._call("download", key, lambda s3: s3.download_file(self.bucket, name, str(path)))
+        except S3TransferRetriesExceededError as exc:
+            raise StorageError(f"download {self.uri_for(key)} failed: {exc}") from exc
 
     def delete(self, key: str) -> None:
         name = self._object_key(key)
