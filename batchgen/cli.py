@@ -213,10 +213,13 @@ def follow_job(client, job_id: str) -> None:
 @click.option("--follow", is_flag=True, help="Stream the job's log and exit with its result (0 succeeded, 1 not).")
 @click.option("--ship-package/--no-ship-package", default=True, show_default=True,
               help="Upload this batchgen package with the job; --no-ship-package uses the one in the cluster's image.")
+@click.option("--forward-s3-env/--no-forward-s3-env", default=True, show_default=True,
+              help="Send your AWS_ENDPOINT_URL(_S3) and AWS(_DEFAULT)_REGION with the job, overriding the nodes' "
+                   "own (never credentials); turn off when you reach S3 through another endpoint than they do.")
 @click.option("--check-inputs/--no-check-inputs", default=True, show_default=True,
               help="Check the prompt table, model and output from here before submitting; skip it for local "
                    "paths that exist only on the cluster's nodes (the spec's fields are always checked).")
-def submit(spec, verbose, follow, ship_package, check_inputs, address, **flags):
+def submit(spec, verbose, follow, ship_package, forward_s3_env, check_inputs, address, **flags):
     """Run a job on a Ray cluster through its Jobs API; prints the job id."""
     setup_logging(verbose)
     try:
@@ -227,7 +230,7 @@ def submit(spec, verbose, follow, ship_package, check_inputs, address, **flags):
         if check_inputs:
             plan_job(job)
         client = connect(dashboard_address(address))
-        job_id = submit_job(client, job, ship_package=ship_package, verbose=verbose)
+        job_id = submit_job(client, job, ship_package=ship_package, forward_s3_env=forward_s3_env, verbose=verbose)
     except Exception as e:  # noqa: BLE001
         logger.debug("failure", exc_info=True)
         fail(e)
