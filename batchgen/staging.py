@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 CACHE_ENV = "BATCHGEN_MODEL_CACHE"
 COMPLETE_MARKER = "COMPLETE"  # written last: its presence means `model/` holds every listed object
 MODEL_DIR = "model"
+FILES_AT_ONCE = 4  # a model is a few large weight files and many small configs
 LOCK_TIMEOUT_S = 3600.0  # a waiter gives up after this long; a crashed downloader's lock is freed at once
 
 
@@ -78,7 +79,8 @@ def stage_model(uri: str, cache_dir: str | Path | None = None) -> Path:
     The cache entry is named by the URI and the listing hash, so a changed remote model gets a new entry.
     Several processes may call this at once (actors starting together on one node): a file lock lets one
     download into a temp dir that is renamed into place, then marked complete; the others wait and reuse it.
-    The cache should be on a node-local disk: file locks are unreliable on some network filesystems."""
+    The cache should be on a node-local disk (file locks are unreliable on some network filesystems); entries
+    are never evicted."""
     storage, objects = list_model(uri)
     digest = listing_sha256(objects)
     entry = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -115,8 +117,10 @@ def _download(storage: S3Storage, uri: str, objects: list[ObjectInfo], digest: s
     try:
         for info in objects:
             (temp / info.key).parent.mkdir(parents=True, exist_ok=True)
-        with ThreadPoolExecutor(min(8, len(objects)), thread_name_prefix="stage") as pool:
-            list(pool.map(lambda info: _fetch(storage, uri, info, temp), objects))
+        files_at_once = min(FILES_AT_ONCE, len(objects))
+        per_file = max(1, storage.max_workers // files_at_once)
+        with ThreadPoolExecutor(files_at_once, thread_name_prefix="stage") as pool:
+            list(pool.map(lambda info: _fetch(storage, uri, info, temp, per_file), objects))
         target = entry / MODEL_DIR
         if target.exists():  # a process died between the rename and the marker: that copy is unverified
             shutil.rmtree(target)
@@ -132,9 +136,9 @@ def _download(storage: S3Storage, uri: str, objects: list[ObjectInfo], digest: s
     logger.info("staged %s in %.1fs (%.1f MB/s)", uri, elapsed, total / 1e6 / max(elapsed, 1e-3))
 
 
-def _fetch(storage: S3Storage, uri: str, info: ObjectInfo, into: Path) -> None:
+def _fetch(storage: S3Storage, uri: str, info: ObjectInfo, into: Path, concurrency: int) -> None:
     path = into / info.key
-    storage.download(info.key, path)
+    storage.download(info.key, path, concurrency)
     size = path.stat().st_size
     if size != info.size:
         raise StorageError(f"{storage.uri_for(info.key)} is {size} bytes, listed as {info.size}: "

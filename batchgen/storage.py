@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import boto3
 from boto3.exceptions import RetriesExceededError as S3TransferRetriesExceededError
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError, SSLError
 
@@ -304,11 +305,14 @@ class S3Storage(Storage):
                 return
             request["ContinuationToken"] = page["NextContinuationToken"]
 
-    def download(self, key: str, path: Path) -> None:
-        """Stream the object into the file `path` (ranged parallel GETs for large objects, constant memory)."""
+    def download(self, key: str, path: Path, concurrency: int = 4) -> None:
+        """Stream the object into the file `path`: constant memory, `concurrency` ranged GETs at once for large
+        objects (callers downloading several files at once keep their product within `max_workers`, the size
+        of the connection pool)."""
         name = self._object_key(key)
+        config = TransferConfig(max_concurrency=concurrency)
         try:
-            self._call("download", key, lambda s3: s3.download_file(self.bucket, name, str(path)))
+            self._call("download", key, lambda s3: s3.download_file(self.bucket, name, str(path), Config=config))
         except S3TransferRetriesExceededError as exc:
             raise StorageError(f"download {self.uri_for(key)} failed: {exc}") from exc
 

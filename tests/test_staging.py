@@ -19,6 +19,7 @@ from batchgen.staging import COMPLETE_MARKER, remote_model_sha256, stage_model
 from batchgen.storage import S3Storage
 from tests.jobs import prompts_table, run_cli, write_table
 from tests.s3objects import upload_dir
+from tests.stager import stage_in_process, tree_sha256
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,20 +57,14 @@ def test_stage_then_load_gives_the_local_models_images(remote_model, tiny_model_
     assert stage_model(remote_model) == Path(staged.source)
 
 
-def _stage_in_process(uri: str, cache: str, barrier) -> tuple[str, str]:
-    barrier.wait()  # every process asks at the same moment, as actors starting together on one node do
-    path = stage_model(uri, cache)
-    return str(path), weights_sha256(path)
-
-
 def test_concurrent_stagers_download_once(remote_model, s3_server, s3_bucket, tiny_model_dir, tmp_path):
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager, context.Pool(STAGERS) as pool:
         barrier = manager.Barrier(STAGERS)
-        results = pool.starmap(_stage_in_process, [(remote_model, str(tmp_path / "cache"), barrier)] * STAGERS)
+        results = pool.starmap(stage_in_process, [(remote_model, str(tmp_path / "cache"), barrier)] * STAGERS)
     assert len(set(results)) == 1, results
     path, digest = results[0]
-    assert digest == weights_sha256(tiny_model_dir)
+    assert digest == tree_sha256(tiny_model_dir)
     gets = get_requests(s3_server, s3_bucket, "models/tiny-sd15")
     files = sorted(p.relative_to(tiny_model_dir).as_posix() for p in tiny_model_dir.rglob("*") if p.is_file())
     assert sorted(gets) == files and set(gets.values()) == {1}, f"GETs per key: {gets}"
