@@ -45,11 +45,6 @@ def setup_logging(verbose: bool) -> None:
     )
     for noisy in ("ray", "botocore", "urllib3", "filelock", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
 
 
 def job_options(command):

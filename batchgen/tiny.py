@@ -142,8 +142,11 @@ def build_pipeline(family: str = "sd15", size: str = "tiny"):
 
 def make_tiny_model(directory: str | Path, family: str = "sd15", size: str = "tiny") -> Path:
     """Write a random-weight pipeline in diffusers layout with safetensors weights; returns the path."""
+    from transformers.utils import logging as transformers_logging
+
     path = Path(directory)
     pipe = build_pipeline(family, size)
+    transformers_logging.disable_progress_bar()  # a per-shard bar for a 4 MB model is noise
     pipe.save_pretrained(path, safe_serialization=True)
     # Our own tokenizer files, so the saved tokenizer is exactly what write_tokenizer defines.
     write_tokenizer(path / "tokenizer")
