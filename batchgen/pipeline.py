@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -224,10 +225,8 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
                 if row["first_stored_at"] and first_stored is None:
                     first_stored = row["first_stored_at"]
                 progress.update(row["ok"] + row["errors"])
-    except BatchgenError:
-        raise
-    except Exception as e:  # Ray wraps stage failures; surface the root message
-        raise BatchgenError(f"job failed while running: {_root_message(e)}") from e
+    except Exception as e:  # Ray wraps stage failures: surface the stage's own error
+        raise _job_error(e) from e
     wall = time.time() - started
     totals = _manifest_totals(storage)
     summary = {
@@ -258,9 +257,28 @@ def _manifest_totals(storage: Storage) -> dict[str, int]:
     return {"ok": len(ok), "errors": len(failed - ok)}
 
 
-def _root_message(error: BaseException) -> str:
-    seen = error
-    while seen.__cause__ is not None:
-        seen = seen.__cause__
-    text = str(seen).strip().splitlines()
-    return text[-1] if text else type(seen).__name__
+def _job_error(error: BaseException) -> BatchgenError:
+    """A failed stream as one BatchgenError (exit code 1) carrying the failing stage's own message. Ray hands a
+    worker's exception to the driver as traceback text only (a RayTaskError around Ray Data's UserCodeException,
+    or an ActorDiedError for an actor that failed in `__init__`), and chains a bare SystemException under its
+    own failures; so the message is the last `batchgen.errors.X: ...` line of that text, else the last other
+    `SomeError: ...` line, else the deepest non-empty message (e.g. Ray Data's no-progress timeout)."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = error
+    while seen is not None and all(seen is not e for e in chain):
+        chain.append(seen)
+        cause = getattr(seen, "cause", None)  # RayTaskError: the worker-side exception (its own chain is lost)
+        seen = cause if isinstance(cause, BaseException) else seen.__cause__
+    text = "\n".join(str(each) for each in chain)
+    ours = _OUR_ERROR_LINE.findall(text)
+    if ours:
+        return BatchgenError(f"job failed while running: {ours[-1]}")
+    theirs = [line for line in _ERROR_LINE.findall(text) if not line.startswith("ray.")]
+    if theirs:
+        return BatchgenError(f"job failed while running: {theirs[-1]}")
+    deepest = next((str(each).strip() for each in reversed(chain) if str(each).strip()), type(error).__name__)
+    return BatchgenError(f"job failed while running: {deepest}")
+
+
+_OUR_ERROR_LINE = re.compile(r"^batchgen\.errors\.\w+: (.+)$", re.MULTILINE)
+_ERROR_LINE = re.compile(r"^((?:[A-Za-z_]\w*\.)*\w*(?:Error|Exception): .+)$", re.MULTILINE)

@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batchgen.engine import MAX_SEED, GenerationRequest, validate_request
-from batchgen.errors import JobConfigError, RowError
+from batchgen.errors import BatchgenError, JobConfigError, RowError
 from batchgen.spec import ROW_FIELDS, InputSpec, SamplingSpec
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,10 @@ def plan_input(spec: InputSpec) -> InputPlan:
         if "prompt" not in names:
             wanted = next((s for s, t in field_of.items() if t == "prompt"), "prompt")
             raise JobConfigError(f"input file {path!r} has no column {wanted!r} (columns: {schema.names})")
+        for name in set(names) & set(ROW_FIELDS):
+            sources = [column for column, mapped_to in zip(schema.names, names, strict=True) if mapped_to == name]
+            if len(sources) > 1:
+                raise JobConfigError(f"input file {path!r}: columns {sources} all map to field {name!r}; only one may")
         for name, field in zip(names, schema, strict=True):
             if name in types and types[name][0] != field.type:
                 raise JobConfigError(
@@ -136,7 +140,9 @@ def plan_input(spec: InputSpec) -> InputPlan:
                 )
             types.setdefault(name, (field.type, path))
             if name in ROW_FIELDS:
-                mapped[name] = field.name
+                if mapped.setdefault(name, field.name) != field.name:
+                    raise JobConfigError(f"field {name!r} is column {field.name!r} in {path!r} but column "
+                                         f"{mapped[name]!r} in {types[name][1]!r}")
             elif name not in extras:
                 extras.append(name)
         file_key = path[len(root) :].lstrip("/") or os.path.basename(path)
@@ -149,6 +155,10 @@ def plan_input(spec: InputSpec) -> InputPlan:
         rows += meta.num_rows
     if rows == 0:
         raise JobConfigError(f"`input.prompts` {spec.prompts!r} has no rows")
+    absent = sorted(source for source, target in field_of.items() if mapped.get(target) != source)
+    if absent:
+        raise JobConfigError(f"`input.columns` maps {absent} but no input file has such a column "
+                             f"(columns: {sorted(set(mapped.values()) | set(extras))})")
     plan = InputPlan(spec.prompts, files, tasks, rows, mapped, extras)
     if "id" in mapped:
         check_unique_ids(plan, fs)
@@ -156,19 +166,29 @@ def plan_input(spec: InputSpec) -> InputPlan:
 
 
 def check_unique_ids(plan: InputPlan, fs: pafs.FileSystem) -> None:
-    """Duplicate ids are a job-level error: read only the id column, compare 64-bit hashes."""
+    """Duplicate ids are a job-level error: read only the id column and compare 64-bit hashes of the ids the
+    reader gives rows (its position, `file:row`, for a null id or a file without the column)."""
     column = plan.columns["id"]
-    ids: list[Any] = []
-    for path in plan.files:
+    file_keys = {task.path: task.file_key for task in plan.tasks}
+    ids: list[str] = []
+    files: list[str] = []
+    for path, file_key in file_keys.items():
         with fs.open_input_file(path) as f:
-            ids.extend(pq.read_table(f, columns=[column]).column(0).to_pylist())
-    hashes = np.fromiter((hash64(str(i)) for i in ids), dtype=np.uint64, count=len(ids))
+            parquet = pq.ParquetFile(f)
+            if column in parquet.schema_arrow.names:
+                values = parquet.read(columns=[column]).column(0).to_pylist()
+            else:
+                values = [None] * parquet.metadata.num_rows
+        ids.extend(str(v) if v is not None else f"{file_key}:{row}" for row, v in enumerate(values))
+        files.extend([file_key] * len(values))
+    hashes = np.fromiter((hash64(i) for i in ids), dtype=np.uint64, count=len(ids))
     unique, counts = np.unique(hashes, return_counts=True)
     repeated = set(unique[counts > 1].tolist())
     if repeated:
-        examples = sorted({str(i) for i, h in zip(ids, hashes.tolist(), strict=True) if h in repeated})
+        examples = sorted({i for i, h in zip(ids, hashes.tolist(), strict=True) if h in repeated})
+        where = sorted({f for f, h in zip(files, hashes.tolist(), strict=True) if h in repeated})
         raise JobConfigError(
-            f"column {column!r} must hold unique ids but {len(repeated)} repeat, e.g. {examples[:5]}"
+            f"column {column!r} must hold unique ids but {len(repeated)} repeat, e.g. {examples[:5]} (in {where[:5]})"
         )
 
 
@@ -229,24 +249,32 @@ class RowReader:
         self.done = done
 
     def read(self, task: ReadTask):
-        """Yields WORK_SCHEMA tables, one per `rows_per_read` input rows."""
+        """Yields WORK_SCHEMA tables, one per `rows_per_read` input rows. Rows whose (id, sample) is done are
+        skipped, invalid ones too (`done` holds error rows when they are not to be retried)."""
+        index = task.first_row
+        for batch in self._batches(task):
+            out: list[dict[str, Any]] = []
+            skipped = 0
+            for raw in batch.to_pylist():
+                for row in self.work_rows(raw, f"{task.file_key}:{index}"):
+                    if sample_key(row["id"], row["sample_index"]) in self.done:
+                        skipped += 1
+                    else:
+                        out.append(row)
+                index += 1
+            if skipped:
+                out.append({"id": "", "sample_index": -1, "status": "tally", "skipped": skipped})
+            yield pa.Table.from_pylist(out, schema=WORK_SCHEMA)
+
+    def _batches(self, task: ReadTask):
+        """The task's record batches. Only footers were checked before the job started: a data page that
+        cannot be read fails the job here, naming the file."""
         fs, _ = filesystem_for(self.plan.uri)
-        with fs.open_input_file(task.path) as f:
-            parquet = pq.ParquetFile(f)
-            index = task.first_row
-            for batch in parquet.iter_batches(batch_size=self.rows_per_read, row_groups=[task.row_group]):
-                out: list[dict[str, Any]] = []
-                skipped = 0
-                for raw in batch.to_pylist():
-                    for row in self.work_rows(raw, f"{task.file_key}:{index}"):
-                        if row["status"] == "pending" and sample_key(row["id"], row["sample_index"]) in self.done:
-                            skipped += 1
-                        else:
-                            out.append(row)
-                    index += 1
-                if skipped:
-                    out.append({"id": "", "sample_index": -1, "status": "tally", "skipped": skipped})
-                yield pa.Table.from_pylist(out, schema=WORK_SCHEMA)
+        try:
+            with fs.open_input_file(task.path) as f:
+                yield from pq.ParquetFile(f).iter_batches(batch_size=self.rows_per_read, row_groups=[task.row_group])
+        except (OSError, pa.ArrowException) as e:
+            raise BatchgenError(f"cannot read Parquet file {task.path!r} (row group {task.row_group}): {e}") from None
 
     def work_rows(self, raw: dict[str, Any], position: str) -> list[dict[str, Any]]:
         """One input row -> one work row per sample, or a single error row naming the bad field."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import threading
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from batchgen.spec import JobSpec, load_spec
+from batchgen.manifest import SUCCESS_KEY, inspect_output, read_manifests, read_success
+from batchgen.spec import JobSpec, dump_spec, load_spec
+from batchgen.storage import Storage
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,6 +72,77 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240)
         [sys.executable, "-m", "batchgen", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
         env=env,
     )
+
+
+def write_spec(path: Path, spec: JobSpec) -> Path:
+    """The spec as a YAML file, for `batchgen run SPEC`."""
+    path.write_text(dump_spec(spec))
+    return path
+
+
+def manifest_rows(storage: Storage) -> list[dict[str, Any]]:
+    return [row for _, table in read_manifests(storage) for row in table.to_pylist()]
+
+
+def assert_accounted(
+    storage: Storage, expected: Iterable[tuple[str, int]], *, finished: bool = True
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every expected (id, sample) is accounted for exactly once: by one ok row, or by error rows only (one per
+    run at most); no other pair is listed; every ok row's object exists with its recorded size and sha256, and
+    `batchgen inspect` finds no duplicate and no orphan. For an output whose last run did not finish
+    (`finished=False`), pairs may still be missing, `_SUCCESS` must be absent and orphan images (uploaded, their
+    manifest never written) are allowed. Returns the deciding row of each listed pair."""
+    expected = set(expected)
+    rows = manifest_rows(storage)
+    per_run = Counter((r["run_id"], r["id"], r["sample_index"]) for r in rows)
+    assert max(per_run.values(), default=1) == 1, f"a run listed a pair twice: {per_run.most_common(3)}"
+    ok = Counter((r["id"], r["sample_index"]) for r in rows if r["status"] == "ok")
+    assert max(ok.values(), default=1) == 1, f"duplicate ok rows: {ok.most_common(3)}"
+    deciding = {(r["id"], r["sample_index"]): r for r in rows if r["status"] != "ok"}
+    deciding.update({(r["id"], r["sample_index"]): r for r in rows if r["status"] == "ok"})
+    report = inspect_output(storage)
+    problems = report.problems
+    if finished:
+        assert set(deciding) == expected, (sorted(expected - set(deciding))[:5], sorted(set(deciding) - expected)[:5])
+    else:
+        assert set(deciding) <= expected, sorted(set(deciding) - expected)[:5]
+        assert not storage.exists(SUCCESS_KEY), "_SUCCESS written by a run that did not finish"
+        problems = [p for p in problems if not p.startswith("orphan object") and "_SUCCESS" not in p]
+    assert not problems, problems
+    assert report.ok == len(ok)
+    return deciding
+
+
+def success(storage: Storage) -> dict[str, Any]:
+    summary = read_success(storage)
+    assert summary is not None, f"{storage.uri} has no _SUCCESS"
+    return summary
+
+
+class JobThread(threading.Thread):
+    """`run_job(spec)` on a thread, so a test can cause a fault while the job runs."""
+
+    def __init__(self, spec: JobSpec):
+        super().__init__(daemon=True)
+        self.spec = spec
+        self.summary: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from batchgen.pipeline import run_job
+
+        try:
+            self.summary = run_job(self.spec)
+        except BaseException as e:  # noqa: BLE001 - handed to the test by result()
+            self.error = e
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        self.join(timeout)
+        assert not self.is_alive(), f"the job did not finish within {timeout} s"
+        if self.error is not None:
+            raise self.error
+        assert self.summary is not None
+        return self.summary
 
 
 @pytest.fixture(scope="session")

@@ -54,7 +54,9 @@ class S3Server:
     `stop()` closes the public port and every open connection, then kills moto's process group: clients
     see reset and refused connections, as with a crashed server. `start()` launches a fresh moto, which
     has lost every object written before, recreates the buckets that existed at `stop()`, and only then
-    reopens the same port, so no client ever reaches a server without its buckets.
+    reopens the same port, so no client ever reaches a server without its buckets. `stop(keep_objects=True)`
+    is a network outage instead: clients see the same resets and refusals, but moto keeps running, and
+    `start()` only reopens the port, every object still there.
     """
 
     def __init__(self, log_path: Path):
@@ -72,6 +74,12 @@ class S3Server:
         """Start the server unless it is running; returns once it answers on `endpoint`."""
         if self._listener is not None:
             return
+        if self._moto is None:
+            self._start_moto()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def _start_moto(self) -> None:
         self._moto_port = free_port()
         with open(self._log_path, "ab") as log:
             self._moto = subprocess.Popen(
@@ -87,12 +95,10 @@ class S3Server:
         except BaseException:
             self._kill_moto()
             raise
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
 
-    def stop(self) -> None:
-        """Make the endpoint unreachable and kill moto (idempotent)."""
-        if self._moto is not None and self._moto.poll() is None:
+    def stop(self, *, keep_objects: bool = False) -> None:
+        """Make the endpoint unreachable (idempotent); kill moto unless `keep_objects`."""
+        if self._moto is not None and self._moto.poll() is None and not keep_objects:
             with contextlib.suppress(BotoCoreError, ClientError):  # a crashed moto has no buckets to keep
                 self._buckets = [b["Name"] for b in self._moto_client().list_buckets()["Buckets"]]
         if self._listener is not None:
@@ -102,7 +108,8 @@ class S3Server:
             connections, self._connections = self._connections, set()
         for sock in connections:
             _close(sock)
-        self._kill_moto()
+        if not keep_objects:
+            self._kill_moto()
 
     def _moto_client(self) -> Any:
         return boto3.client(
