@@ -239,7 +239,9 @@ class S3Storage(Storage):
     def _s3(self) -> Any:
         with _CLIENT_LOCK:
             if self._client is None:
-                config = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5,
+                # One attempt per call: `_call` owns retrying, so the deadline bounds the whole operation
+                # (botocore's own retries would add up to 3 x (connect + read timeout) past it).
+                config = Config(retries={"mode": "standard", "max_attempts": 1}, connect_timeout=5,
                                 read_timeout=60, max_pool_connections=self.max_workers)
                 self._client = _session().client("s3", config=config)
             return self._client
@@ -250,7 +252,7 @@ class S3Storage(Storage):
 
     def _call(self, operation: str, key: str, request: Callable[[Any], _T]) -> _T:
         """Run `request(client)`, retrying unreachable-endpoint and 5xx/throttling errors with backoff until
-        `retry_deadline_s`, checked between attempts (one botocore call with its own retries may overrun)."""
+        `retry_deadline_s`, checked between attempts (one attempt may overrun it by its connect/read timeout)."""
         started = time.monotonic()
         attempt = 0
         while True:
