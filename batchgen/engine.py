@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -15,33 +14,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from batchgen.errors import RowError
 from batchgen.families import Conditioning, FamilyAdapter, concat, take
 from batchgen.loading import LoadedModel
-from batchgen.schedulers import SCHEDULERS, make_scheduler, step_kwargs
+from batchgen.requests import MAX_SEED, MAX_SIDE, MAX_STEPS, GenerationRequest, validate_request
+from batchgen.schedulers import make_scheduler, step_kwargs
+
+# The row-level names live in the torch-free batchgen.requests; they stay importable from here.
+__all__ = ["MAX_SEED", "MAX_SIDE", "MAX_STEPS", "Engine", "GenerationRequest", "GenerationResult", "validate_request"]
 
 logger = logging.getLogger(__name__)
-
-MAX_STEPS = 1000
-MAX_SIDE = 4096
-MAX_SEED = 2**63 - 1
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """Everything that decides one image's pixels, given the model."""
-
-    prompt: str
-    seed: int
-    negative_prompt: str = ""
-    guidance_scale: float = 7.5
-    steps: int = 25
-    width: int = 512
-    height: int = 512
-    scheduler: str = "ddim"
-    eta: float = 0.0
-
-    def group_key(self) -> tuple:
-        """Rows with equal keys share one denoising loop."""
-        return (self.steps, self.width, self.height, self.scheduler, self.eta)
-
 
 @dataclass
 class GenerationResult:
@@ -57,35 +36,6 @@ class GenerationResult:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def validate_request(req: GenerationRequest, vae_scale_factor: int = 8) -> None:
-    """Raise RowError naming the first bad field; cheap, runs before any compute."""
-    if not isinstance(req.prompt, str) or not req.prompt.strip():
-        raise RowError("prompt", req.prompt, "must be a non-empty string")
-    if not isinstance(req.negative_prompt, str):
-        raise RowError("negative_prompt", req.negative_prompt, "must be a string")
-    if not isinstance(req.seed, (int, np.integer)) or isinstance(req.seed, bool) or not 0 <= req.seed <= MAX_SEED:
-        raise RowError("seed", req.seed, f"must be an integer in [0, {MAX_SEED}]")
-    if not _is_number(req.guidance_scale) or not math.isfinite(req.guidance_scale) or req.guidance_scale < 0:
-        raise RowError("guidance_scale", req.guidance_scale, "must be a finite number >= 0")
-    if not isinstance(req.steps, (int, np.integer)) or isinstance(req.steps, bool) or not 1 <= req.steps <= MAX_STEPS:
-        raise RowError("steps", req.steps, f"must be an integer in [1, {MAX_STEPS}]")
-    multiple = max(8, vae_scale_factor)
-    for name in ("width", "height"):
-        side = getattr(req, name)
-        if not isinstance(side, (int, np.integer)) or isinstance(side, bool) or not multiple <= side <= MAX_SIDE:
-            raise RowError(name, side, f"must be an integer in [{multiple}, {MAX_SIDE}]")
-        if side % multiple:
-            raise RowError(name, side, f"must be divisible by {multiple}")
-    if req.scheduler not in SCHEDULERS:
-        raise RowError("scheduler", req.scheduler, f"must be one of {sorted(SCHEDULERS)}")
-    if not _is_number(req.eta) or not math.isfinite(req.eta) or req.eta < 0:
-        raise RowError("eta", req.eta, "must be a finite number >= 0")
 
 
 # After this many chunks without running out of memory, a lowered batch limit doubles (up to the maximum).

@@ -13,8 +13,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchgen.engine import GenerationRequest
 from batchgen.prompts import sample_key
+from batchgen.requests import GenerationRequest
 from batchgen.storage import NotFound, Storage
 
 logger = logging.getLogger(__name__)

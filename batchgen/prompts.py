@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from batchgen.engine import MAX_SEED, GenerationRequest, validate_request
 from batchgen.errors import BatchgenError, JobConfigError, RowError
+from batchgen.requests import MAX_SEED, GenerationRequest, validate_request
 from batchgen.spec import ROW_FIELDS, InputSpec, SamplingSpec
 
 logger = logging.getLogger(__name__)

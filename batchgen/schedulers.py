@@ -2,47 +2,37 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any
 
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
-
-# name -> (class, config overrides). The model's own scheduler config supplies the noise schedule
-# (betas, prediction type, timestep spacing); the name only picks the sampler.
-SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
-    "ddim": (DDIMScheduler, {}),
-    "ddpm": (DDPMScheduler, {}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "lms": (LMSDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+# name -> (diffusers class name, config overrides). The model's own scheduler config supplies the noise
+# schedule (betas, prediction type, timestep spacing); the name only picks the sampler. Classes are looked
+# up on use, so validating a name (the reader, the spec) does not import diffusers and torch.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp_2m_karras": (
-        DPMSolverMultistepScheduler,
+        "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
-    "unipc": (UniPCMultistepScheduler, {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
 }
 
 
 def make_scheduler(name: str, base_config: Any):
     """A fresh scheduler (schedulers carry per-run state) of the named kind on the model's schedule."""
     try:
-        cls, overrides = SCHEDULERS[name]
+        class_name, overrides = SCHEDULERS[name]
     except KeyError:
         raise ValueError(f"`scheduler` must be one of {sorted(SCHEDULERS)} but is {name!r}") from None
-    return cls.from_config(base_config, **overrides)
+    return getattr(importlib.import_module("diffusers"), class_name).from_config(base_config, **overrides)
 
 
 def step_kwargs(scheduler: Any, generators: list, eta: float) -> dict[str, Any]:
