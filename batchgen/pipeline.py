@@ -106,7 +106,7 @@ def prepare_model(spec: JobSpec) -> tuple[dict[str, Any], ModelFacts]:
     options = {"source": source, "revision": m.revision, "dtype": m.dtype, "device": m.device,
                "allow_pickle": m.allow_pickle, "vae_batch_size": m.vae_batch_size,
                "channels_last": m.channels_last, "compile_denoiser": m.compile_denoiser}
-    return options, ModelFacts(m.source, m.revision, digest, m.dtype)
+    return options, ModelFacts(source, m.revision, digest, m.dtype)
 
 
 def plan_job(spec: JobSpec) -> JobPlan:

@@ -19,7 +19,8 @@ SEED_POLICY = "row seed + sample index, else sha256(job seed, id, sample index)[
 def fingerprint(spec: JobSpec, model: Any) -> dict[str, Any]:
     """Fields whose change would give different images for the same (id, sample)."""
     return {
-        "model.source": model.source,
+        # Weights are identified by their hash; the path only matters where there is none (a hub id).
+        "model.source": None if model.sha256 else model.source,
         "model.revision": model.revision,
         "model.sha256": model.sha256,
         "model.dtype": spec.model.dtype,

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 # The generator's output: the work row plus raw pixels (H*W*3 uint8) and what generation recorded.
 GENERATED_SCHEMA = WORK_SCHEMA.append(pa.field("pixels", pa.binary()))
 for _name, _type in [("truncated", pa.bool_()), ("generate_ms", pa.float64()), ("batch_size", pa.int64()),
-                     ("worker", pa.string())]:
+                     ("worker", pa.string()), ("dtype", pa.string())]:
     GENERATED_SCHEMA = GENERATED_SCHEMA.append(pa.field(_name, _type))
 
 SUMMARY_SCHEMA = pa.schema(
@@ -64,6 +64,7 @@ class GeneratorActor:
         self.model = load_model(**model_options)
         self.engine = Engine(self.model, max_batch_size=batch_size)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.dtype = str(self.model.dtype).removeprefix("torch.")  # what `auto` resolved to on this worker
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from batchgen.engine import GenerationRequest
@@ -80,7 +81,7 @@ class GeneratorActor:
         ]
         for row, result in zip(pending, self.engine.generate(requests), strict=True):
             row.update(truncated=result.truncated, generate_ms=result.generate_ms, batch_size=result.batch_size,
-                       worker=self.worker)
+                       worker=self.worker, dtype=self.dtype)
             if result.ok:
                 row.update(status="ok", pixels=np.ascontiguousarray(result.image).tobytes())
             else:
@@ -112,7 +113,8 @@ class StoreStage:
         uploads = []
         for row in rows:
             row.update(model=self.model.source, model_revision=self.model.revision, model_sha256=self.model.sha256,
-                       dtype=self.model.dtype, format=self.fmt, versions=self.versions, run_id=self.run_id)
+                       dtype=row.get("dtype") or self.model.dtype, format=self.fmt, versions=self.versions,
+                       run_id=self.run_id)
             if row["status"] != "ok":
                 continue
             start = time.perf_counter()

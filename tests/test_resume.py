@@ -182,3 +182,5 @@ def test_changed_fingerprint_is_refused_naming_what_differs(tiny_model_dir, tmp_
     for harmless in ({"compute.batch_size": 3}, {"output.retry_deadline_s": 5}, {"output.upload_workers": 2},
                      {"output.retry_errors": False}, {"compute.max_actors": 1, "compute.min_actors": 1}):
         check_fingerprint(storage, plan_job(job_spec(model, str(prompts), str(out), **base, **harmless)).fingerprint)
+    moved = shutil.copytree(model, tmp_path / "elsewhere" / "model")  # same weights, another path
+    check_fingerprint(storage, plan_job(job_spec(moved, str(prompts), str(out), **base)).fingerprint)

@@ -26,7 +26,7 @@ def work_row(row_id: str, status: str = "pending", **fields) -> dict:
 
 @pytest.fixture(scope="module")
 def actor(tiny_model_dir):
-    options = {"source": str(tiny_model_dir), "device": "cpu", "dtype": "float32"}
+    options = {"source": str(tiny_model_dir), "device": "cpu", "dtype": "auto"}
     return GeneratorActor(options, batch_size=4, torch_threads=1)
 
 
@@ -40,6 +40,7 @@ def test_generator_generates_pending_and_passes_others(actor):
     out = actor(pa.Table.from_pylist(rows, schema=WORK_SCHEMA)).to_pylist()
     assert [r["status"] for r in out] == ["ok", "error", "tally", "error"]
     assert len(out[0]["pixels"]) == 24 * 32 * 3 and out[0]["batch_size"] == 1 and out[0]["worker"]
+    assert out[0]["dtype"] == "float32", "the dtype the worker resolved, not the spec's `auto`"
     assert out[1]["error"] == "`steps` must be ..." and out[1]["pixels"] is None
     assert out[2]["skipped"] == 5
     assert "`steps` must be an integer in [1, 1000] but is 300000" in out[3]["error"]
