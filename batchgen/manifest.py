@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchgen.prompts import sample_key
+from batchgen.prompts import DoneKeys, sample_key
 from batchgen.requests import GenerationRequest
 from batchgen.storage import NotFound, Storage
 
@@ -85,15 +86,15 @@ def read_manifests(storage: Storage, columns: list[str] | None = None) -> Iterat
         yield key, pq.read_table(io.BytesIO(storage.get(key)), columns=columns)
 
 
-def committed_keys(storage: Storage, include_errors: bool = False) -> frozenset[int]:
-    """64-bit keys of (id, sample) pairs a rerun must skip: ok rows, and error rows if not retried."""
+def committed_keys(storage: Storage, include_errors: bool = False) -> DoneKeys:
+    """Keys of (id, sample) pairs a rerun must skip: ok rows, and error rows if they are not retried."""
     statuses = {"ok", "error"} if include_errors else {"ok"}
-    done: set[int] = set()
+    parts = []
     for _, table in read_manifests(storage, ["id", "sample_index", "status"]):
-        for row_id, index, status in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True):
-            if status in statuses:
-                done.add(sample_key(row_id, index))
-    return frozenset(done)
+        rows = zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True)
+        keys = [sample_key(row_id, index) for row_id, index, status in rows if status in statuses]
+        parts.append(np.asarray(keys, dtype=np.uint64))
+    return DoneKeys(np.concatenate(parts) if parts else [])
 
 
 def request_from_row(row: dict[str, Any]) -> GenerationRequest:

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from batchgen.errors import BatchgenError, JobConfigError
 from batchgen.manifest import SUCCESS_KEY, committed_keys, read_manifests, write_success
-from batchgen.prompts import InputPlan, ReadTask, RowReader, plan_input
+from batchgen.prompts import DoneKeys, InputPlan, ReadTask, RowReader, plan_input
 from batchgen.resume import check_fingerprint, fingerprint
 from batchgen.spec import ComputeSpec, JobSpec, dump_spec
 from batchgen.stages import GeneratorActor, ModelFacts, StoreStage
@@ -117,14 +117,15 @@ def plan_job(spec: JobSpec) -> JobPlan:
     return JobPlan(spec, input_plan, model_options, facts, fingerprint(spec, facts))
 
 
-def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: frozenset[int], run_id: str):
+def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: DoneKeys, run_id: str):
     """The lazy, streaming Dataset of per-batch summaries; nothing runs until it is iterated."""
     import ray
 
     spec = plan.spec
-    reader = RowReader(plan.input, spec.sampling, spec.input.rows_per_read, done)
+    done_ref = ray.put(done)  # shipped once through the object store, not inside every read task
 
     def read(batch: pa.Table):
+        reader = RowReader(plan.input, spec.sampling, spec.input.rows_per_read, ray.get(done_ref))
         for task in batch.to_pylist():
             yield from reader.read(ReadTask(**task))
 

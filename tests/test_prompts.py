@@ -6,12 +6,12 @@ import pyarrow as pa
 import pytest
 
 from batchgen.errors import JobConfigError
-from batchgen.prompts import RowReader, derive_seed, plan_input, sample_key
+from batchgen.prompts import DoneKeys, RowReader, derive_seed, plan_input, sample_key
 from batchgen.spec import InputSpec, SamplingSpec
 from tests.jobs import prompts_table, write_table
 
 
-def read_all(plan, sampling=None, done=frozenset()) -> list[dict]:
+def read_all(plan, sampling=None, done=DoneKeys()) -> list[dict]:
     reader = RowReader(plan, sampling or SamplingSpec(), rows_per_read=4, done=done)
     return [row for task in plan.tasks for table in reader.read(task) for row in table.to_pylist()]
 
@@ -56,7 +56,7 @@ def test_num_images_expands_samples_and_resume_skips_done(tmp_path):
     rows = read_all(plan, SamplingSpec(num_images=2))
     assert [(r["id"], r["sample_index"]) for r in rows] == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)]
     assert len({r["seed"] for r in rows}) == 5
-    done = frozenset({sample_key("a", 1), sample_key("b", 0)})
+    done = DoneKeys([sample_key("a", 1), sample_key("b", 0)])
     again = read_all(plan, SamplingSpec(num_images=2), done)
     pending = [(r["id"], r["sample_index"]) for r in again if r["status"] == "pending"]
     assert pending == [("a", 0), ("a", 2), ("b", 1)]
@@ -91,3 +91,11 @@ def test_duplicate_ids_are_a_job_error_listing_examples(tmp_path):
     path = write_table(tmp_path / "p.parquet", prompts_table(4, id=["a", "b", "a", "b"]))
     with pytest.raises(JobConfigError, match=r"unique ids but 2 repeat, e\.g\. \['a', 'b'\]"):
         plan_input(InputSpec(prompts=str(path)))
+
+
+def test_done_keys_membership():
+    keys = [sample_key(f"id-{i}", i % 3) for i in range(1000)]
+    done = DoneKeys(keys[:500] + keys[:10])
+    assert len(done) == 500
+    assert all(k in done for k in keys[:500]) and not any(k in done for k in keys[500:])
+    assert 0 not in DoneKeys() and 2**64 - 1 not in done
