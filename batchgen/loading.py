@@ -7,16 +7,18 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from batchgen.errors import ModelLoadError
-from batchgen.families import FamilyAdapter, adapter_for
+
+if TYPE_CHECKING:  # torch is imported where a model is loaded: the driver only checks and hashes directories
+    import torch
+
+    from batchgen.families import FamilyAdapter
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
@@ -35,18 +37,21 @@ class LoadedModel:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ModelLoadError(f"`dtype` must be one of {['auto', *DTYPES]} but is {dtype!r}") from None
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"`dtype` must be one of {['auto', *DTYPES]} but is {dtype!r}")
+    return getattr(torch, dtype)
 
 
 def check_model_dir(path: Path, allow_pickle: bool = False) -> None:
@@ -101,6 +106,7 @@ def load_model(
     compile_denoiser: bool = False,
 ) -> LoadedModel:
     """Load a pipeline from a local directory, or from the hub by id and revision (cached by huggingface_hub)."""
+    import torch
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -136,6 +142,8 @@ def load_model(
         pipe.vae.to(torch.float32)
     pipe.to(torch_device)
     pipe.set_progress_bar_config(disable=True)
+    from batchgen.families import adapter_for
+
     try:
         adapter = adapter_for(pipe, vae_batch_size, channels_last, compile_denoiser)
     except ValueError as e:

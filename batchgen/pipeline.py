@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from batchgen.errors import BatchgenError, JobConfigError
+from batchgen.loading import check_model_dir, weights_sha256
 from batchgen.manifest import SUCCESS_KEY, committed_keys, read_manifests, write_success
 from batchgen.prompts import DoneKeys, InputPlan, ReadTask, RowReader, plan_input
 from batchgen.resume import check_fingerprint, fingerprint
@@ -95,9 +96,6 @@ def prepare_model(spec: JobSpec) -> tuple[dict[str, Any], ModelFacts]:
 
         digest = remote_model_sha256(source)
     elif local.exists() or source.startswith((".", "/", "~")):
-        # Imported here: batchgen.loading imports torch, and Ray's read and store workers import this module.
-        from batchgen.loading import check_model_dir, weights_sha256
-
         check_model_dir(local, m.allow_pickle)
         source = str(local.resolve())
         digest = weights_sha256(local)
