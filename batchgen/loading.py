@@ -104,6 +104,7 @@ def load_model(
     vae_batch_size: int | None = None,
     channels_last: bool | None = None,
     compile_denoiser: bool = False,
+    expected_sha256: str | None = None,
 ) -> LoadedModel:
     """Load a pipeline from a local directory, or from the hub by id and revision (cached by huggingface_hub)."""
     import torch
@@ -121,7 +122,7 @@ def load_model(
     if source.startswith("s3://"):
         from batchgen.staging import stage_model
 
-        source = str(stage_model(source))
+        source = str(stage_model(source, expected_sha256=expected_sha256))
     local = Path(source).expanduser()
     is_local = local.exists() or source.startswith((".", "/", "~"))
     if is_local:

@@ -104,6 +104,8 @@ def prepare_model(spec: JobSpec) -> tuple[dict[str, Any], ModelFacts]:
     options = {"source": source, "revision": m.revision, "dtype": m.dtype, "device": m.device,
                "allow_pickle": m.allow_pickle, "vae_batch_size": m.vae_batch_size,
                "channels_last": m.channels_last, "compile_denoiser": m.compile_denoiser}
+    if source.startswith("s3://"):
+        options["expected_sha256"] = digest  # actors refuse a model replaced after the driver hashed it
     return options, ModelFacts(source, m.revision, digest, m.dtype)
 
 

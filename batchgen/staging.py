@@ -73,16 +73,22 @@ def remote_model_sha256(uri: str) -> str:
     return listing_sha256(list_model(uri)[1])
 
 
-def stage_model(uri: str, cache_dir: str | Path | None = None) -> Path:
+def stage_model(uri: str, cache_dir: str | Path | None = None, expected_sha256: str | None = None) -> Path:
     """Download the model at `uri` into this node's cache, once, and return the local diffusers directory.
 
     The cache entry is named by the URI and the listing hash, so a changed remote model gets a new entry.
     Several processes may call this at once (actors starting together on one node): a file lock lets one
     download into a temp dir that is renamed into place, then marked complete; the others wait and reuse it.
     The cache should be on a node-local disk (file locks are unreliable on some network filesystems); entries
-    are never evicted."""
+    are never evicted. With `expected_sha256` (what the driver recorded for the manifests), a model replaced
+    since then is refused rather than staged: its images would be attributed to other weights."""
     storage, objects = list_model(uri)
     digest = listing_sha256(objects)
+    if expected_sha256 and digest != expected_sha256:
+        raise ModelLoadError(
+            f"model {uri!r} changed since the job started: listing sha256 {digest[:16]}, expected "
+            f"{expected_sha256[:16]}; rerun the job to record the new weights"
+        )
     entry = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     entry = entry / hashlib.sha256(f"{uri}\n{digest}".encode()).hexdigest()[:32]
     target = entry / MODEL_DIR

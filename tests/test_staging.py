@@ -83,6 +83,9 @@ def test_changed_remote_model_gets_a_new_entry_and_hash(remote_model, s3_bucket,
     assert second_hash != first_hash and second != first
     assert (second / "scheduler" / "scheduler_config.json").read_text() == changed
     assert config.read_text() != changed, "the earlier entry is untouched"
+    with pytest.raises(ModelLoadError, match="changed since the job started"):
+        stage_model(remote_model, cache, expected_sha256=first_hash)
+    assert stage_model(remote_model, cache, expected_sha256=second_hash) == second
 
 
 def test_incomplete_entry_is_downloaded_again(remote_model, tmp_path):
