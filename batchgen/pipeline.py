@@ -132,13 +132,14 @@ def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: D
     tasks = [asdict(t) for t in plan.input.tasks]
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(read, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
-    # Small tables arrive as one block: split so every actor gets work, and so batches stay small.
-    ds = ds.repartition(target_num_rows_per_block=spec.compute.batch_size)
+    # Small tables arrive as one block: split so every actor gets work; a call carries batches_per_call batches.
+    rows_per_call = spec.compute.batch_size * spec.compute.batches_per_call
+    ds = ds.repartition(target_num_rows_per_block=rows_per_call)
     ds = ds.map_batches(
         GeneratorActor,
         fn_constructor_kwargs={"model_options": plan.model_options, "batch_size": spec.compute.batch_size,
                                "torch_threads": resources.torch_threads},
-        batch_size=spec.compute.batch_size,
+        batch_size=rows_per_call,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
         num_cpus=resources.cpus_per_actor,

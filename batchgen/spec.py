@@ -130,7 +130,12 @@ class OutputSpec(Section):
 
 class ComputeSpec(Section):
     address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local Ray.")
-    batch_size: int = Field(8, ge=1, le=1024, description="Rows per generator call.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Rows per denoising loop (the model's batch).")
+    batches_per_call: int = Field(
+        4, ge=1, le=64, description="Model batches per generator actor call (rows per Ray task = batch_size x "
+        "this): amortizes Ray's per-task cost and lets a batch's device-to-host copy overlap the next; the "
+        "first image is stored after this many batches."
+    )
     min_actors: int = Field(1, ge=1, description="Generator actors kept alive.")
     max_actors: int | None = Field(
         None, ge=1, description="Most generator actors; None = one per GPU, or min_actors on CPU-only clusters."

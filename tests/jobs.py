@@ -53,6 +53,7 @@ def job_spec(model_dir: Path, prompts: str, output: str, **overrides: Any) -> Jo
         "sampling.height": 32,
         "sampling.seed": 5,
         "compute.batch_size": 8,
+        "compute.batches_per_call": 1,  # one manifest per model batch: fault and resume tests count them
         "compute.min_actors": 2,
         "compute.max_actors": 2,
         "compute.cpus_per_actor": 0.4,
