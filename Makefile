@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_CONSTRAINTS ?= constraints/cpu.txt
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,14 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The benchmark programs (tens of minutes on 2 cores); tables on stdout, JSON in bench/out/, figures in
+# bench/RESULTS.md. bench/gpu.py needs a CUDA GPU and is run by hand.
+bench: setup
+	$(PY) bench/efficiency.py
+	$(PY) bench/baselines.py
+	$(PY) bench/orchestration.py
+	$(PY) bench/coldstart.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

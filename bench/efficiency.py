@@ -1,0 +1,201 @@
+"""Pipeline efficiency: steady-state images/s of the whole `batchgen run` over images/s of the bare engine.
+
+    .venv/bin/python bench/efficiency.py [--small 40] [--large 200] [--repeats 3] [--px 128] [--steps 10]
+
+Both sides use the same SD-shaped random-weight model (`--size bench`), batch size, steps, size, guidance
+and total torch threads. The bare side is `batchgen.engine.Engine.generate` in this process, after one
+warm-up batch. The pipeline side is the real command (`batchgen run SPEC`: Parquet on S3 -> local Ray ->
+generator actor -> PNG encode -> S3 on a moto_server subprocess -> manifests -> _SUCCESS), run twice with
+`--small` and `--large` images; its steady-state rate is (large - small) / (wall_large - wall_small),
+so start-up (Ray, model load, first batch) and the final drain cancel out. Cold start is reported as
+measured (see bench/coldstart.py for the breakdown). Each repeat runs the bare loop ((large - small) / 2
+images) right before and right after the two pipeline runs and uses the mean, so a busy period hits both
+sides; the table shows the load and the cores other processes used next to each repeat. CPU seconds per
+image by process role (large run minus small run) do not depend on the load and show where time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from _common import (
+    OUT,
+    MotoServer,
+    bench_model,
+    busy_cpu_s,
+    job,
+    load1,
+    machine,
+    median,
+    own_cpu_s,
+    prompts,
+    run_batchgen,
+    save,
+    table,
+    torch_threads,
+    wait_quiet,
+    write_spec,
+)
+
+
+def bare_rate(engine, images: int, batch_size: int, steps: int, px: int, guidance: float):
+    """images/s of Engine.generate on consecutive batches (the work one actor call does, minus Ray), the
+    cores other processes used meanwhile, and this process's CPU ms per image."""
+    from batchgen.engine import GenerationRequest
+
+    texts = prompts(images)
+    busy, own = busy_cpu_s(), own_cpu_s()
+    start = time.perf_counter()
+    for first in range(0, images, batch_size):
+        batch = [GenerationRequest(prompt=texts[i], seed=i, steps=steps, width=px, height=px,
+                                   guidance_scale=guidance) for i in range(first, min(images, first + batch_size))]
+        results = engine.generate(batch)
+        assert all(r.ok for r in results)
+    wall = time.perf_counter() - start
+    own = own_cpu_s() - own
+    other = max(0.0, (busy_cpu_s() - busy) - own) / wall
+    return images / wall, other, 1000 * own / images
+
+
+def per_image_cpu(small, large, extra_images: int) -> dict[str, float]:
+    """CPU milliseconds per image by process role in steady state: the large run's CPU minus the small run's,
+    over the extra images. CPU time is per process, so other engineers' load does not enter it."""
+    a, b = small.monitor.cpu_by_role(), large.monitor.cpu_by_role()
+    return {role: round(1000 * (b[role] - a.get(role, 0.0)) / extra_images, 1) for role in b}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", type=int, default=40, help="images in the short pipeline run")
+    parser.add_argument("--large", type=int, default=200, help="images in the long pipeline run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--px", type=int, default=128)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both sides")
+    parser.add_argument("--size", default="bench", help="tiny-model size (batchgen/tiny.py SIZES)")
+    parser.add_argument("--max-other-cores", type=float, default=0.3,
+                        help="wait before each repeat until other processes use at most this many cores")
+    parser.add_argument("--max-busy-cores", type=float, default=0.4,
+                        help="reject a repeat in which other processes used more cores than this (and try again)")
+    parser.add_argument("--max-attempts", type=int, default=8)
+    args = parser.parse_args()
+
+    from batchgen.engine import Engine
+    from batchgen.loading import load_model
+
+    work = OUT / "efficiency"
+    model_dir = bench_model(args.size)
+    moto = MotoServer(work / "moto.log")
+    bucket = moto.bucket("bench")
+    s3 = moto.client()
+    specs = {}
+    for n in (args.small, args.large):
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"prompt": prompts(n)}), buffer)
+        s3.put_object(Bucket=bucket, Key=f"prompts/{n}.parquet", Body=buffer.getvalue())
+    with torch_threads(args.threads):
+        engine = Engine(load_model(str(model_dir), device="cpu", dtype="float32"), max_batch_size=args.batch_size)
+        bare_rate(engine, args.batch_size, args.batch_size, args.steps, args.px, args.guidance)  # warm-up
+
+    bare_images = (args.large - args.small) // 2
+    repeats, rejected = [], []
+    try:
+        for r in range(args.max_attempts):
+            if len(repeats) == args.repeats:
+                break
+            runs = {}
+            quiet = wait_quiet(args.max_other_cores)
+            load_before = load1()
+            with torch_threads(args.threads):
+                before = bare_rate(engine, bare_images, args.batch_size, args.steps, args.px, args.guidance)
+            for n in (args.small, args.large):
+                spec = job(model_dir, f"s3://{bucket}/prompts/{n}.parquet", f"s3://{bucket}/runs/{r}-{n}",
+                           steps=args.steps, px=args.px, guidance=args.guidance, batch_size=args.batch_size,
+                           threads=args.threads)
+                specs[n] = write_spec(work / f"job-{n}.yaml", spec)
+                runs[n] = run_batchgen(specs[n], env=moto.env, monitor_interval_s=1.0, extra_pids=[moto.process.pid])
+                assert runs[n].summary["images_ok"] == n, runs[n].summary
+            with torch_threads(args.threads):
+                after = bare_rate(engine, bare_images, args.batch_size, args.steps, args.px, args.guidance)
+            # The bare loop runs right before and right after the pipeline pair; their mean faces similar load.
+            bare, bare_other, bare_cpu_ms = (statistics.mean(x) for x in zip(before, after, strict=True))
+            small, large = runs[args.small], runs[args.large]
+            steady = (args.large - args.small) / (large.wall_s - small.wall_s)
+            row = {
+                "repeat": r,
+                "load1_before": load_before,
+                "load1_after": load1(),
+                "other_cores_before": quiet,
+                "other_cores_bare": round(bare_other, 2),
+                "other_cores_pipeline": round(max(small.other_cores, large.other_cores), 2),
+                "bare_images_s": bare,
+                "bare_images_s_before_after": [before[0], after[0]],
+                "pipeline_steady_images_s": steady,
+                "efficiency": steady / bare,
+                "small_wall_s": small.wall_s,
+                "large_wall_s": large.wall_s,
+                "large_whole_run_images_s": args.large / large.wall_s,
+                "large_first_image_s": large.summary["first_image_s"],
+                "large_cpu_s_by_role": large.monitor.cpu_by_role(),
+                "large_processes": large.monitor.processes(),
+                "bare_cpu_ms_per_image": round(bare_cpu_ms, 1),
+                "steady_cpu_ms_per_image_by_role": per_image_cpu(small, large, args.large - args.small),
+                "other_cores_max": round(max(before[1], after[1], small.other_cores, large.other_cores), 2),
+            }
+            busy = row["other_cores_max"] > args.max_busy_cores
+            (rejected if busy else repeats).append(row)
+            print(f"attempt {r}: bare {bare:.2f} images/s, pipeline steady {steady:.2f} images/s, "
+                  f"efficiency {steady / bare:.3f} (load {load_before} -> {load1()}; other processes used up to "
+                  f"{row['other_cores_max']:.2f} cores{': rejected, machine busy' if busy else ''})", flush=True)
+    finally:
+        moto.stop()
+
+    if not repeats:
+        print("warning: every attempt ran on a busy machine; the figures below come from busy attempts",
+              file=sys.stderr)
+        repeats = rejected
+    result = {
+        "bench": "efficiency",
+        "machine": machine(),
+        "args": vars(args),
+        "commands": [f".venv/bin/batchgen run {specs[n].relative_to(OUT.parent.parent)}" for n in specs],
+        "repeats": repeats,
+        "rejected_busy": rejected,
+        "median": {k: median([r[k] for r in repeats]) for k in ("bare_images_s", "pipeline_steady_images_s",
+                                                                 "efficiency", "large_whole_run_images_s")},
+    }
+    path = save("efficiency", result)
+    print()
+    print(f"model={args.size} px={args.px} steps={args.steps} batch={args.batch_size} guidance={args.guidance} "
+          f"threads={args.threads}; pipeline: S3 (moto) in and out, PNG; small={args.small} large={args.large}")
+    print(table(repeats, [("repeat", "repeat", "d"), ("load1_before", "load1", ".2f"),
+                          ("other_cores_bare", "other cores (bare)", ".2f"),
+                          ("other_cores_pipeline", "other cores (pipeline)", ".2f"),
+                          ("bare_images_s", "bare img/s", ".2f"),
+                          ("pipeline_steady_images_s", "pipeline img/s", ".2f"), ("efficiency", "ratio", ".3f"),
+                          ("large_whole_run_images_s", "whole-run img/s", ".2f"),
+                          ("large_first_image_s", "first image s", ".1f")]))
+    m = result["median"]
+    print(f"median: bare {m['bare_images_s']:.2f}, pipeline steady {m['pipeline_steady_images_s']:.2f} images/s, "
+          f"efficiency {m['efficiency']:.3f}")
+    roles = sorted({role for r in repeats for role in r["steady_cpu_ms_per_image_by_role"]})
+    cpu_rows = [{"role": "bare engine (this process)", "ms": median([r["bare_cpu_ms_per_image"] for r in repeats])}]
+    cpu_rows += [{"role": role, "ms": median([r["steady_cpu_ms_per_image_by_role"].get(role, 0.0) for r in repeats])}
+                 for role in roles]
+    cpu_rows = [cpu_rows[0], *sorted(cpu_rows[1:], key=lambda row: -row["ms"])]
+    print("steady-state CPU ms per image by process (pipeline: large run minus small run; medians):")
+    print(table(cpu_rows, [("role", "process", "s"), ("ms", "CPU ms/image", ".1f")]))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

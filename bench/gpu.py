@@ -1,0 +1,205 @@
+"""Denoiser throughput on a CUDA GPU: images/s and achieved TFLOP/s against the device's peak.
+
+    .venv/bin/python bench/gpu.py [--models sd15 sdxl] [--batches 1 2 4 8 16 32 64] [--steps 30]
+                                  [--dtype float16] [--peak-tflops N] [--channels-last] [--compile]
+    .venv/bin/python bench/gpu.py --flops-only      # any machine: FLOPs per denoiser step, no GPU needed
+
+SD-1.5-shaped (512 px, 64x64 latents, 768-d text) and SDXL-shaped (1024 px, 128x128 latents, 2048-d text,
+pooled and size conditioning) UNets built from their configs with random weights: no downloads. Each
+batch of B images is one classifier-free-guidance call of 2B rows, as batchgen's engine makes it.
+FLOPs come from torch.utils.flop_counter.FlopCounterMode over one step on the meta device (exact for the
+graph, no memory); time from CUDA events over `--iters` steps after `--warmup`. images/s is the
+denoiser alone at `--steps` steps (no text encoder, no VAE). The peak is looked up by device name
+(dense fp16/bf16 tensor-core TFLOP/s from the vendors' data sheets) or given with --peak-tflops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from _common import machine, save, table
+
+# Dense (no sparsity) fp16/bf16 tensor-core TFLOP/s. Checked in order: specific names before their prefixes.
+PEAK_TFLOPS = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 125.0),
+    ("A10", 125.0),
+    ("V100", 125.0),
+    ("T4", 65.0),
+]
+
+UNETS = {
+    "sd15": {
+        "latent": 64,
+        "text": (77, 768),
+        "config": {
+            "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+            "block_out_channels": (320, 640, 1280, 1280),
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                 "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": 768, "attention_head_dim": 8,
+        },
+    },
+    "sdxl": {
+        "latent": 128,
+        "text": (77, 2048),
+        "config": {
+            "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+            "block_out_channels": (320, 640, 1280),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20),
+            "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+        },
+    },
+}
+
+
+def build_unet(name: str, device: str, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):
+        unet = UNet2DConditionModel(**UNETS[name]["config"])
+    return unet.to(dtype).eval().requires_grad_(False)
+
+
+def inputs(name: str, rows: int, device: str, dtype: torch.dtype) -> tuple[tuple, dict]:
+    shape = UNETS[name]
+    latents = torch.randn(rows, 4, shape["latent"], shape["latent"], device=device, dtype=dtype)
+    text = torch.randn(rows, *shape["text"], device=device, dtype=dtype)
+    kwargs: dict = {"encoder_hidden_states": text, "return_dict": False}
+    if name == "sdxl":
+        size = 8 * shape["latent"]
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(rows, 1280, device=device, dtype=dtype),
+            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * rows, device=device, dtype=dtype),
+        }
+    return (latents, torch.tensor(500, device=device)), kwargs
+
+
+def flops_per_row(name: str) -> float:
+    """FLOPs of one UNet step per latent row, counted on the meta device (shapes only, no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = build_unet(name, "meta", torch.float16)
+    args, kwargs = inputs(name, 2, "meta", torch.float16)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        unet(*args, **kwargs)
+    return counter.get_total_flops() / 2
+
+
+def peak_for(device_name: str) -> float | None:
+    return next((tflops for key, tflops in PEAK_TFLOPS if key in device_name), None)
+
+
+def time_step(unet, args, kwargs, warmup: int, iters: int) -> float:
+    """Seconds per UNet call, from CUDA events around `iters` calls after `warmup` calls."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            unet(*args, **kwargs)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(iters):
+            unet(*args, **kwargs)
+        end.record()
+        end.synchronize()
+    return start.elapsed_time(end) / 1000 / iters
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(UNETS), default=["sd15", "sdxl"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--steps", type=int, default=30, help="denoising steps per image, for images/s")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense fp16/bf16 peak, if not in the table")
+    parser.add_argument("--channels-last", action="store_true", help="UNet weights and latents in NHWC")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (compile time not counted)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--flops-only", action="store_true", help="count FLOPs per step and exit (no GPU needed)")
+    args = parser.parse_args()
+
+    if not args.flops_only and not torch.cuda.is_available():
+        print(f"bench/gpu.py measures a CUDA GPU, and torch {torch.__version__} sees none on this machine "
+              "(torch.cuda.is_available() is False). Run it on a GPU machine with a CUDA build of torch, "
+              "or use --flops-only here.", file=sys.stderr)
+        sys.exit(2)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    flops = {name: flops_per_row(name) for name in args.models}
+    if args.flops_only:
+        for name, per_row in flops.items():
+            print(f"{name}: {per_row / 1e9:.1f} GFLOP per latent row per step; one image with CFG at "
+                  f"{args.steps} steps = {2 * per_row * args.steps / 1e12:.2f} TFLOP")
+        return
+    device_name = torch.cuda.get_device_name()
+    peak = args.peak_tflops or peak_for(device_name)
+    if peak is None:
+        print(f"note: no peak known for {device_name!r}; pass --peak-tflops to get utilization", file=sys.stderr)
+    dtype = getattr(torch, args.dtype)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+    rows = []
+    for name in args.models:
+        unet = build_unet(name, "cuda", dtype)
+        if args.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        model = torch.compile(unet) if args.compile else unet
+        for batch in args.batches:
+            call_args, kwargs = inputs(name, 2 * batch, "cuda", dtype)
+            if args.channels_last:
+                call_args = (call_args[0].to(memory_format=torch.channels_last), call_args[1])
+            row = {"model": name, "batch": batch}
+            try:
+                started = time.perf_counter()
+                step_s = time_step(model, call_args, kwargs, args.warmup, args.iters)
+            except torch.OutOfMemoryError:
+                row["note"] = "out of memory"
+                rows.append(row)
+                del call_args, kwargs
+                torch.cuda.empty_cache()
+                break
+            tflops = 2 * batch * flops[name] / step_s / 1e12
+            row.update(step_ms=step_s * 1000, images_per_s=batch / (step_s * args.steps), tflops=tflops,
+                       utilization=tflops / peak if peak else None, measure_s=time.perf_counter() - started,
+                       peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30)
+            rows.append(row)
+            print(row, flush=True)
+            del call_args, kwargs
+            torch.cuda.reset_peak_memory_stats()
+        del unet, model
+        torch.cuda.empty_cache()
+
+    result = {"bench": "gpu", "machine": machine(), "device": device_name, "peak_tflops": peak, "args": vars(args),
+              "gflop_per_row_step": {k: v / 1e9 for k, v in flops.items()}, "rows": rows}
+    out = save("gpu", result)
+    print()
+    print(f"{device_name}, {args.dtype}, peak {peak} TFLOP/s, channels_last={args.channels_last}, "
+          f"compile={args.compile}; CFG (2 rows per image); images/s at {args.steps} steps, denoiser only")
+    print(table(rows, [("model", "model", "s"), ("batch", "batch", "d"), ("step_ms", "ms/step", ".1f"),
+                       ("images_per_s", "images/s", ".2f"), ("tflops", "TFLOP/s", ".0f"),
+                       ("utilization", "of peak", ".0%"), ("peak_memory_gib", "GiB", ".1f"), ("note", "note", "s")]))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
