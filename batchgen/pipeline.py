@@ -186,7 +186,7 @@ def init_ray(address: str | None) -> None:
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         # A Ray started here runs without its dashboard (ignored when joining a cluster): on a 2-core machine
-        # the dashboard cost 3 ms of CPU per image in steady state and delayed the raylet's start.
+        # the dashboard cost 3 ms of CPU per image in steady state, taken from the generator.
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}} if address is None else None)
     DataContext.get_current().enable_progress_bars = False
