@@ -208,8 +208,9 @@ _ROLES = [
     (("dashboard", "Dashboard", "agent", "Agent"), "ray dashboard/agents"),
     (("log_monitor",), "ray log_monitor"),
     (("monitor.py",), "ray monitor"),
-    (("MapBatches", "StreamingRepartition", "Map(", "ReadParquet", "FromPandas"), "ray task workers"),
-    (("ray::IDLE", "default_worker", "setup_worker"), "ray idle workers"),
+    # Task workers and idle workers are one pool (an idle worker of the short run may run tasks in the long one).
+    (("MapBatches", "StreamingRepartition", "Map(", "ReadParquet", "FromPandas", "ray::IDLE", "default_worker",
+      "setup_worker"), "ray task workers"),
 ]
 
 
@@ -245,7 +246,9 @@ class TreeMonitor:
         self.events: list[tuple[float, int, str]] = []  # (time, pid, new title)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._extra_base = {p.pid: sum(p.cpu_times()[:2]) for p in self.extra}
+        # CPU already spent when the watch starts (by the root, extras and existing children) is not counted.
+        existing = [self.root, *self.extra, *self.root.children(recursive=True)]
+        self._base = {p.pid: sum(p.cpu_times()[:2]) for p in existing}
 
     def start(self) -> TreeMonitor:
         self._thread.start()
@@ -272,7 +275,7 @@ class TreeMonitor:
             try:
                 with proc.oneshot():
                     title = " ".join(proc.cmdline()).strip()[:200] or proc.name()
-                    cpu = sum(proc.cpu_times()[:2]) - self._extra_base.get(proc.pid, 0.0)
+                    cpu = sum(proc.cpu_times()[:2]) - self._base.get(proc.pid, 0.0)
                     rss = proc.memory_info().rss / 2**20
                 hwm = _vm_hwm_mib(proc.pid)
             except (psutil.Error, OSError):
