@@ -64,6 +64,19 @@ def bare_rate(engine, images: int, batch_size: int, steps: int, px: int, guidanc
     return images / wall, other, 1000 * own / images
 
 
+def model_ms(uri: str, env: dict[str, str]) -> float:
+    """Milliseconds the generator spent denoising and decoding, from the manifests (`generate_ms` per row is its
+    chunk's wall time over the chunk's rows); text encoding and Ray's own work in the actor are not in it."""
+    from unittest import mock
+
+    from batchgen.manifest import read_manifests
+    from batchgen.storage import open_storage
+
+    with mock.patch.dict(os.environ, env):
+        storage = open_storage(uri)
+        return sum(sum(t.column("generate_ms").to_pylist()) for _, t in read_manifests(storage, ["generate_ms"]))
+
+
 def per_image_cpu(small, large, extra_images: int) -> dict[str, float]:
     """CPU milliseconds per image by process role in steady state: the large run's CPU minus the small run's,
     over the extra images. CPU time is per process, so other engineers' load does not enter it."""
@@ -117,6 +130,7 @@ def main() -> None:
             load_before = load1()
             with torch_threads(args.threads):
                 before = bare_rate(engine, bare_images, args.batch_size, args.steps, args.px, args.guidance)
+            model_time = {}
             for n in (args.small, args.large):
                 spec = job(model_dir, f"s3://{bucket}/prompts/{n}.parquet", f"s3://{bucket}/runs/{r}-{n}",
                            steps=args.steps, px=args.px, guidance=args.guidance, batch_size=args.batch_size,
@@ -124,12 +138,17 @@ def main() -> None:
                 specs[n] = write_spec(work / f"job-{n}.yaml", spec)
                 runs[n] = run_batchgen(specs[n], env=moto.env, monitor_interval_s=1.0, extra_pids=[moto.process.pid])
                 assert runs[n].summary["images_ok"] == n, runs[n].summary
+                model_time[n] = model_ms(f"s3://{bucket}/runs/{r}-{n}", moto.env) / 1000
             with torch_threads(args.threads):
                 after = bare_rate(engine, bare_images, args.batch_size, args.steps, args.px, args.guidance)
             # The bare loop runs right before and right after the pipeline pair; their mean faces similar load.
             bare, bare_other, bare_cpu_ms = (statistics.mean(x) for x in zip(before, after, strict=True))
             small, large = runs[args.small], runs[args.large]
             steady = (args.large - args.small) / (large.wall_s - small.wall_s)
+            # Where the gap goes (one actor): the share of steady-state wall time the generator spent in the model
+            # (does the model wait for the pipeline?), and how much slower the model ran there than in the bare
+            # loop (on this machine the other stages take CPU from it; on a GPU node they run on other cores).
+            model_s_per_image = (model_time[args.large] - model_time[args.small]) / (args.large - args.small)
             row = {
                 "repeat": r,
                 "load1_before": load_before,
@@ -141,6 +160,8 @@ def main() -> None:
                 "bare_images_s_before_after": [before[0], after[0]],
                 "pipeline_steady_images_s": steady,
                 "efficiency": steady / bare,
+                "model_busy_fraction": model_s_per_image * steady,
+                "model_speed_vs_bare": 1 / (model_s_per_image * bare),
                 "small_wall_s": small.wall_s,
                 "large_wall_s": large.wall_s,
                 "large_whole_run_images_s": args.large / large.wall_s,
@@ -171,7 +192,8 @@ def main() -> None:
         "repeats": repeats,
         "rejected_busy": rejected,
         "median": {k: median([r[k] for r in repeats]) for k in ("bare_images_s", "pipeline_steady_images_s",
-                                                                 "efficiency", "large_whole_run_images_s")},
+                                                                 "efficiency", "large_whole_run_images_s",
+                                                                 "model_busy_fraction", "model_speed_vs_bare")},
     }
     path = save("efficiency", result)
     print()
@@ -182,11 +204,13 @@ def main() -> None:
                           ("other_cores_pipeline", "other cores (pipeline)", ".2f"),
                           ("bare_images_s", "bare img/s", ".2f"),
                           ("pipeline_steady_images_s", "pipeline img/s", ".2f"), ("efficiency", "ratio", ".3f"),
+                          ("model_busy_fraction", "model busy", ".3f"), ("model_speed_vs_bare", "model speed", ".3f"),
                           ("large_whole_run_images_s", "whole-run img/s", ".2f"),
                           ("large_first_image_s", "first image s", ".1f")]))
     m = result["median"]
     print(f"median: bare {m['bare_images_s']:.2f}, pipeline steady {m['pipeline_steady_images_s']:.2f} images/s, "
-          f"efficiency {m['efficiency']:.3f}")
+          f"efficiency {m['efficiency']:.3f}; model busy {m['model_busy_fraction']:.3f} of the time, at "
+          f"{m['model_speed_vs_bare']:.3f} of its bare speed (per repeat, ratio = busy x speed)")
     roles = sorted({role for r in repeats for role in r["steady_cpu_ms_per_image_by_role"]})
     cpu_rows = [{"role": "bare engine (this process)", "ms": median([r["bare_cpu_ms_per_image"] for r in repeats])}]
     cpu_rows += [{"role": role, "ms": median([r["steady_cpu_ms_per_image_by_role"].get(role, 0.0) for r in repeats])}
