@@ -17,10 +17,12 @@ image by process role (large run minus small run) do not depend on the load and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import statistics
 import sys
+import threading
 import time
 
 import pyarrow as pa
@@ -64,6 +66,55 @@ def bare_rate(engine, images: int, batch_size: int, steps: int, px: int, guidanc
     return images / wall, other, 1000 * own / images
 
 
+def pin_threads(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` onto `cpus` (affinity is per thread; threads started later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(tid), cpus)
+
+
+class ModelCores:
+    """--isolate: the model gets cores of its own, as a GPU is a device of its own. Everything this benchmark
+    starts (Ray, the batchgen command, moto) inherits `rest` from this process; a watcher moves every thread of
+    the generator actor (found by its Ray process title) onto `model` while the job runs, and the bare loop
+    runs on `model` too."""
+
+    def __init__(self, model: set[int], rest: set[int]):
+        self.model, self.rest = model, rest
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.pinned: set[int] = set()  # generator actor pids moved onto the model cores (recorded per repeat)
+
+    def start_watch(self) -> None:
+        import psutil
+
+        def watch() -> None:
+            me = psutil.Process()
+            while not self._stop.wait(0.2):
+                for proc in me.children(recursive=True):
+                    with contextlib.suppress(psutil.Error, OSError):
+                        if "GeneratorActor" in " ".join(proc.cmdline()):
+                            pin_threads(proc.pid, self.model)
+                            self.pinned.add(proc.pid)
+
+        self._stop.clear()
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+
+    def stop_watch(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    @contextlib.contextmanager
+    def on_model_cores(self):
+        pin_threads(os.getpid(), self.model)
+        try:
+            yield
+        finally:
+            pin_threads(os.getpid(), self.rest)
+
+
 def model_ms(uri: str, env: dict[str, str]) -> float:
     """Milliseconds the generator spent denoising and decoding, from the manifests (`generate_ms` per row is its
     chunk's wall time over the chunk's rows); text encoding and Ray's own work in the actor are not in it."""
@@ -100,12 +151,23 @@ def main() -> None:
     parser.add_argument("--max-busy-cores", type=float, default=0.4,
                         help="reject a repeat in which other processes used more cores than this (and try again)")
     parser.add_argument("--max-attempts", type=int, default=8)
+    parser.add_argument("--isolate", action="store_true",
+                        help="give the model every core but core 0 (and that many torch threads, both sides); "
+                             "Ray, the other stages and moto share core 0: the model has compute of its own, as on "
+                             "a GPU node")
     args = parser.parse_args()
+    cores = ModelCores(set(range(1, os.cpu_count())), {0}) if args.isolate else None
+    if cores:
+        if os.cpu_count() < 2:
+            parser.error("--isolate needs at least 2 cores")
+        args.threads = len(cores.model)
+        pin_threads(os.getpid(), cores.rest)  # moto, Ray and the command start from here and inherit core 0
+    model_cores = cores.on_model_cores if cores else contextlib.nullcontext
 
     from batchgen.engine import Engine
     from batchgen.loading import load_model
 
-    work = OUT / "efficiency"
+    work = OUT / ("efficiency-isolated" if args.isolate else "efficiency")
     model_dir = bench_model(args.size)
     moto = MotoServer(work / "moto.log")
     bucket = moto.bucket("bench")
@@ -115,7 +177,7 @@ def main() -> None:
         buffer = io.BytesIO()
         pq.write_table(pa.table({"prompt": prompts(n)}), buffer)
         s3.put_object(Bucket=bucket, Key=f"prompts/{n}.parquet", Body=buffer.getvalue())
-    with torch_threads(args.threads):
+    with torch_threads(args.threads), model_cores():
         engine = Engine(load_model(str(model_dir), device="cpu", dtype="float32"), max_batch_size=args.batch_size)
         bare_rate(engine, args.batch_size, args.batch_size, args.steps, args.px, args.guidance)  # warm-up
 
@@ -128,7 +190,7 @@ def main() -> None:
             runs = {}
             quiet = wait_quiet(args.max_other_cores)
             load_before = load1()
-            with torch_threads(args.threads):
+            with torch_threads(args.threads), model_cores():
                 before = bare_rate(engine, bare_images, args.batch_size, args.steps, args.px, args.guidance)
             model_time = {}
             for n in (args.small, args.large):
@@ -136,10 +198,17 @@ def main() -> None:
                            steps=args.steps, px=args.px, guidance=args.guidance, batch_size=args.batch_size,
                            threads=args.threads)
                 specs[n] = write_spec(work / f"job-{n}.yaml", spec)
-                runs[n] = run_batchgen(specs[n], env=moto.env, monitor_interval_s=1.0, extra_pids=[moto.process.pid])
+                if cores:
+                    cores.start_watch()
+                try:
+                    runs[n] = run_batchgen(specs[n], env=moto.env, monitor_interval_s=1.0,
+                                           extra_pids=[moto.process.pid])
+                finally:
+                    if cores:
+                        cores.stop_watch()
                 assert runs[n].summary["images_ok"] == n, runs[n].summary
                 model_time[n] = model_ms(f"s3://{bucket}/runs/{r}-{n}", moto.env) / 1000
-            with torch_threads(args.threads):
+            with torch_threads(args.threads), model_cores():
                 after = bare_rate(engine, bare_images, args.batch_size, args.steps, args.px, args.guidance)
             # The bare loop runs right before and right after the pipeline pair; their mean faces similar load.
             bare, bare_other, bare_cpu_ms = (statistics.mean(x) for x in zip(before, after, strict=True))
@@ -170,6 +239,7 @@ def main() -> None:
                 "large_processes": large.monitor.processes(),
                 "bare_cpu_ms_per_image": round(bare_cpu_ms, 1),
                 "steady_cpu_ms_per_image_by_role": per_image_cpu(small, large, args.large - args.small),
+                "model_cores_pinned_pids": sorted(cores.pinned) if cores else None,
                 "other_cores_max": round(max(before[1], after[1], small.other_cores, large.other_cores), 2),
             }
             busy = row["other_cores_max"] > args.max_busy_cores
@@ -195,8 +265,10 @@ def main() -> None:
                                                                  "efficiency", "large_whole_run_images_s",
                                                                  "model_busy_fraction", "model_speed_vs_bare")},
     }
-    path = save("efficiency", result)
+    path = save("efficiency-isolated" if args.isolate else "efficiency", result)
     print()
+    if cores:
+        print(f"isolated: model on cores {sorted(cores.model)}, everything else on {sorted(cores.rest)}")
     print(f"model={args.size} px={args.px} steps={args.steps} batch={args.batch_size} guidance={args.guidance} "
           f"threads={args.threads}; pipeline: S3 (moto) in and out, PNG; small={args.small} large={args.large}")
     print(table(repeats, [("repeat", "repeat", "d"), ("load1_before", "load1", ".2f"),
