@@ -179,6 +179,17 @@ class Progress:
             logger.info("images %d/%d (est.), %.2f images/s, ETA %s", self.done, self.expected, rate, eta)
 
 
+# Set for every process of a job: a Ray started here and submitted jobs get them through their runtime_env,
+# `batchgen run --address` on a cluster node from the image (infra/Dockerfile).
+# RAY_max_direct_call_object_size: Ray returns a task result smaller than this (default 100 KiB) inline to the
+# task's owner, i.e. into the driver's own heap, and Ray Data reads ahead of a slow generator as far as its
+# object store budget allows (GBs): so every queued block of prompt rows (tens of KB for a call's rows) sat in
+# the driver until its turn, and the driver grew with the input (bench/orchestration.py: +120 MiB from
+# 10,000 to 300,000 rows, flat with this). Above 1 KiB they go to the object store, where Ray Data budgets,
+# spills and frees them; block metadata and the per-call summaries stay inline.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_max_direct_call_object_size": "1024"}
+
+
 def init_ray(address: str | None) -> None:
     import ray
     from ray.data import DataContext
@@ -188,7 +199,7 @@ def init_ray(address: str | None) -> None:
         # A Ray started here runs without its dashboard (ignored when joining a cluster): on a 2-core machine
         # the dashboard cost 3 ms of CPU per image in steady state, taken from the generator.
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}} if address is None else None)
+                 runtime_env={"env_vars": WORKER_ENV} if address is None else None)
     DataContext.get_current().enable_progress_bars = False
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import batchgen
 from batchgen.errors import BatchgenError
+from batchgen.pipeline import WORKER_ENV
 from batchgen.spec import JobSpec, dump_spec
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def build_submission(spec: JobSpec, spec_dir: Path, *, ship_package: bool = True
     (spec_dir / SPEC_FILE).write_text(dump_spec(spec))
     command = ["python", "-m", "batchgen", "run", SPEC_FILE, *(["-v"] if verbose else [])]
     env_vars = {name: environ[name] for name in FORWARDED_ENV if forward_s3_env and environ.get(name)}
-    env_vars["TOKENIZERS_PARALLELISM"] = "false"
+    env_vars.update(WORKER_ENV)
     runtime_env: dict[str, Any] = {"working_dir": str(spec_dir), "env_vars": env_vars}
     if ship_package:
         runtime_env["py_modules"] = [str(Path(batchgen.__file__).parent)]

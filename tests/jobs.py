@@ -152,6 +152,9 @@ def ray_local(s3_server):
     workers inherit the AWS endpoint settings, as a cluster's nodes carry their own AWS configuration."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    from batchgen.pipeline import WORKER_ENV
+
+    # The worker environment a Ray started by `batchgen run` (and a submitted job) gets.
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": WORKER_ENV})
     yield
     ray.shutdown()

@@ -361,6 +361,16 @@ def test_dockerfile_entrypoint_is_the_console_script(dockerfile, pyproject):
     assert pyproject["project"]["scripts"]["batchgen"] == "batchgen.cli:main"
 
 
+def test_dockerfile_sets_the_worker_env(dockerfile):
+    from batchgen.pipeline import WORKER_ENV
+
+    env = {}
+    for keyword, arguments in dockerfile:
+        if keyword == "ENV":
+            env.update(word.split("=", 1) for word in shlex.split(arguments) if "=" in word)
+    assert env == {**env, **WORKER_ENV}, f"the image's ENV {env} differs from batchgen.pipeline.WORKER_ENV"
+
+
 def test_dockerfile_runs_as_non_root(dockerfile):
     users = [arguments for keyword, arguments in dockerfile if keyword == "USER"]
     assert users, "no USER: the image would run as its base image's user, unchecked"

@@ -171,3 +171,24 @@ def test_same_job_twice_gives_identical_images(tiny_model_dir, tmp_path):
     assert len(pixels[0]) == len(pixels[1]) == 16
     for a, b in zip(*pixels, strict=True):
         assert np.abs(a - b).max() <= 1
+
+
+def test_queued_blocks_live_in_the_object_store_not_the_driver(ray_local):
+    """Ray returns results under RAY_max_direct_call_object_size inline into the owner's (the driver's) heap,
+    where Ray Data's read-ahead of prompt rows made the driver grow with the input. With WORKER_ENV a block of
+    a call's rows (tens of KB) goes to the object store; tiny results (block metadata, summaries) stay inline."""
+    import ray
+    from ray.experimental import get_object_locations
+
+    from batchgen.pipeline import WORKER_ENV
+
+    @ray.remote(num_cpus=0.25)
+    def payload(size: int) -> bytes:
+        return b"x" * size
+
+    block, tiny = payload.remote(20_000), payload.remote(200)
+    ray.wait([block, tiny], num_returns=2, timeout=60)
+    where = get_object_locations([block, tiny])
+    assert int(WORKER_ENV["RAY_max_direct_call_object_size"]) < 20_000
+    assert where[block]["node_ids"], "a 20 kB result was inlined into the driver"
+    assert where[tiny]["node_ids"] == [], "a 200-byte result went to the object store"

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import batchgen
 from batchgen import submit as jobs
 from batchgen.cli import main
+from batchgen.pipeline import WORKER_ENV
 from batchgen.spec import JobSpec, load_spec
 from tests.jobs import job_spec, prompts_table, run_cli, write_table
 from tests.s3server import free_port
@@ -99,7 +100,7 @@ def test_no_ship_package_and_no_forwarded_endpoint(local_job, monkeypatch):
     server = FakeJobServer()
     jobs.submit_job(server, local_job, ship_package=False, forward_s3_env=False, verbose=True)
     assert "py_modules" not in server.submitted[0]["runtime_env"], "the cluster image's batchgen runs"
-    assert server.submitted[0]["runtime_env"]["env_vars"] == {"TOKENIZERS_PARALLELISM": "false"}
+    assert server.submitted[0]["runtime_env"]["env_vars"] == WORKER_ENV
     assert server.submitted[0]["entrypoint"].endswith(" -v")
 
 
