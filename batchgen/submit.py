@@ -29,7 +29,6 @@ from typing import Any
 
 import batchgen
 from batchgen.errors import BatchgenError
-from batchgen.pipeline import WORKER_ENV
 from batchgen.spec import JobSpec, dump_spec
 
 logger = logging.getLogger(__name__)
@@ -100,6 +99,8 @@ def for_cluster(spec: JobSpec) -> JobSpec:
 def build_submission(spec: JobSpec, spec_dir: Path, *, ship_package: bool = True, forward_s3_env: bool = True,
                      verbose: bool = False, environ: Mapping[str, str] = os.environ) -> Submission:
     """Write the resolved spec into `spec_dir` (the job's working_dir) and describe the submission."""
+    from batchgen.pipeline import WORKER_ENV  # here, so that status, logs and stop do not import the pipeline
+
     spec = for_cluster(spec)
     (spec_dir / SPEC_FILE).write_text(dump_spec(spec))
     command = ["python", "-m", "batchgen", "run", SPEC_FILE, *(["-v"] if verbose else [])]
