@@ -86,15 +86,32 @@ def read_manifests(storage: Storage, columns: list[str] | None = None) -> Iterat
         yield key, pq.read_table(io.BytesIO(storage.get(key)), columns=columns)
 
 
+def _keys_by_status(storage: Storage) -> dict[str, np.ndarray]:
+    """The 64-bit (id, sample) keys of every manifest row, grouped by status. 8 bytes a row, where Python sets
+    of keys or (id, sample) tuples took 10-20 times that on the driver of a job of millions of images."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for _, table in read_manifests(storage, ["id", "sample_index", "status"]):
+        ids, indices, statuses = (table.column(c).to_pylist() for c in ("id", "sample_index", "status"))
+        keys = np.fromiter(map(sample_key, ids, indices), dtype=np.uint64, count=len(ids))
+        status = np.asarray(statuses, dtype=object)
+        for name in set(statuses):
+            parts.setdefault(name, []).append(keys[status == name])
+    return {name: np.concatenate(arrays) for name, arrays in parts.items()}
+
+
 def committed_keys(storage: Storage, include_errors: bool = False) -> DoneKeys:
     """Keys of (id, sample) pairs a rerun must skip: ok rows, and error rows if they are not retried."""
-    statuses = {"ok", "error"} if include_errors else {"ok"}
-    parts = []
-    for _, table in read_manifests(storage, ["id", "sample_index", "status"]):
-        rows = zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True)
-        keys = [sample_key(row_id, index) for row_id, index, status in rows if status in statuses]
-        parts.append(np.asarray(keys, dtype=np.uint64))
-    return DoneKeys(np.concatenate(parts) if parts else [])
+    by_status = _keys_by_status(storage)
+    wanted = [by_status[s] for s in (("ok", "error") if include_errors else ("ok",)) if s in by_status]
+    return DoneKeys(np.concatenate(wanted) if wanted else [])
+
+
+def manifest_totals(storage: Storage) -> dict[str, int]:
+    """ok (id, sample) pairs across all runs, and pairs whose only rows are errors."""
+    by_status = _keys_by_status(storage)
+    ok = DoneKeys(by_status.get("ok", []))
+    every = DoneKeys(np.concatenate(list(by_status.values())) if by_status else [])
+    return {"ok": len(ok), "errors": len(every) - len(ok)}
 
 
 def request_from_row(row: dict[str, Any]) -> GenerationRequest:

@@ -12,13 +12,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from batchgen.errors import BatchgenError, JobConfigError
 from batchgen.loading import check_model_dir, weights_sha256
-from batchgen.manifest import SUCCESS_KEY, committed_keys, read_manifests, write_success
-from batchgen.prompts import DoneKeys, InputPlan, ReadTask, RowReader, plan_input, sample_key
+from batchgen.manifest import SUCCESS_KEY, committed_keys, manifest_totals, write_success
+from batchgen.prompts import DoneKeys, InputPlan, ReadTask, RowReader, plan_input
 from batchgen.resume import check_fingerprint, fingerprint
 from batchgen.spec import ComputeSpec, JobSpec, dump_spec
 from batchgen.stages import GeneratorActor, ModelFacts, StoreStage
@@ -246,7 +245,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     except Exception as e:  # Ray wraps stage failures: surface the stage's own error
         raise _job_error(e) from e
     wall = time.time() - started
-    totals = _manifest_totals(storage)
+    totals = manifest_totals(storage)
     summary = {
         "run_id": run_id,
         "rows": plan.input.rows,
@@ -263,21 +262,6 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     }
     write_success(storage, summary)
     return summary
-
-
-def _manifest_totals(storage: Storage) -> dict[str, int]:
-    """ok (id, sample) pairs across all runs, and pairs whose only rows are errors. Counted on the 64-bit keys
-    resume uses: 8 bytes an image where a set of (id, sample) tuples took ~175 (and grew the driver by ~20 MiB
-    at the end of a 100,000-image job)."""
-    ok_parts, all_parts = [], []
-    for _, table in read_manifests(storage, ["id", "sample_index", "status"]):
-        ids, indices, statuses = (table.column(c).to_pylist() for c in ("id", "sample_index", "status"))
-        keys = np.fromiter(map(sample_key, ids, indices), dtype=np.uint64, count=len(ids))
-        all_parts.append(keys)
-        ok_parts.append(keys[np.fromiter((s == "ok" for s in statuses), dtype=bool, count=len(statuses))])
-    ok = DoneKeys(np.concatenate(ok_parts) if ok_parts else [])
-    every = DoneKeys(np.concatenate(all_parts) if all_parts else [])
-    return {"ok": len(ok), "errors": len(every) - len(ok)}
 
 
 def _job_error(error: BaseException) -> BatchgenError:
