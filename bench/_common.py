@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import io
 import json
 import os
 import platform
@@ -78,6 +80,24 @@ def wait_quiet(max_cores: float = 0.3, timeout_s: float = 1200.0) -> float:
             return round(cores, 2)
         print(f"  machine busy ({cores:.2f} cores used by other processes); waiting", file=sys.stderr, flush=True)
         time.sleep(10)
+
+
+def add_quiet_options(parser: argparse.ArgumentParser, max_attempts: int) -> None:
+    """The options of a benchmark that measures only on a quiet machine and redoes busy repeats."""
+    parser.add_argument("--max-other-cores", type=float, default=0.3,
+                        help="wait before each repeat until other processes use at most this many cores")
+    parser.add_argument("--max-busy-cores", type=float, default=0.4,
+                        help="reject a repeat in which other processes used more cores than this (and try again)")
+    parser.add_argument("--max-attempts", type=int, default=max_attempts)
+
+
+def quiet_repeats(repeats: list[dict[str, Any]], rejected: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The repeats to report: the quiet ones, else (with a warning) the busy ones."""
+    if repeats:
+        return repeats
+    print("warning: every attempt ran on a busy machine; the figures below come from busy attempts",
+          file=sys.stderr)
+    return rejected
 
 
 def median(values: Sequence[float]) -> float:
@@ -182,6 +202,15 @@ class MotoServer:
     def bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
         return name
+
+    def put_prompts(self, bucket: str, counts: Sequence[int]) -> None:
+        """s3://bucket/prompts/{n}.parquet with the first n benchmark prompts, for each n."""
+        client = self.client()
+        for n in counts:
+            buffer = io.BytesIO()
+            pq.write_table(pa.table({"prompt": prompts(n)}), buffer)
+            client.put_object(Bucket=bucket, Key=f"prompts/{n}.parquet", Body=buffer.getvalue())
+
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):

@@ -23,16 +23,14 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from _common import (
     OUT,
     MotoServer,
     TreeMonitor,
+    add_quiet_options,
     bench_model,
     busy_cpu_s,
     job,
@@ -40,6 +38,7 @@ from _common import (
     machine,
     median,
     prompts,
+    quiet_repeats,
     run_batchgen,
     save,
     table,
@@ -136,11 +135,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--size", default="bench")
-    parser.add_argument("--max-other-cores", type=float, default=0.3,
-                        help="wait before each repeat until other processes use at most this many cores")
-    parser.add_argument("--max-busy-cores", type=float, default=0.4,
-                        help="reject a repeat in which other processes used more cores than this (and try again)")
-    parser.add_argument("--max-attempts", type=int, default=6)
+    add_quiet_options(parser, max_attempts=6)
     args = parser.parse_args()
 
     import ray
@@ -151,10 +146,7 @@ def main() -> None:
     os.environ.update(moto.env)  # this process's Ray workers and boto3 inherit the endpoint
     bucket = moto.bucket("bench")
     s3 = moto.client()
-    for n in (args.small, args.large):
-        buffer = io.BytesIO()
-        pq.write_table(pa.table({"prompt": prompts(n)}), buffer)
-        s3.put_object(Bucket=bucket, Key=f"prompts/{n}.parquet", Body=buffer.getvalue())
+    moto.put_prompts(bucket, (args.small, args.large))
 
     repeats, rejected = [], []
     commands = []
@@ -200,10 +192,7 @@ def main() -> None:
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     finally:
         moto.stop()
-    if not repeats:
-        print("warning: every attempt ran on a busy machine; the figures below come from busy attempts",
-              file=sys.stderr)
-        repeats = rejected
+    repeats = quiet_repeats(repeats, rejected)
 
     medians = {k: median([r[k] for r in repeats]) for k in repeats[0] if k.endswith(("steady", "whole"))
                or k.startswith("batchgen_over")}

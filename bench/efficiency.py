@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import os
 import statistics
-import sys
 import threading
 import time
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from _common import (
     OUT,
     MotoServer,
+    add_quiet_options,
     bench_model,
     busy_cpu_s,
     job,
@@ -38,6 +35,7 @@ from _common import (
     median,
     own_cpu_s,
     prompts,
+    quiet_repeats,
     run_batchgen,
     save,
     table,
@@ -146,11 +144,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both sides")
     parser.add_argument("--size", default="bench", help="tiny-model size (batchgen/tiny.py SIZES)")
-    parser.add_argument("--max-other-cores", type=float, default=0.3,
-                        help="wait before each repeat until other processes use at most this many cores")
-    parser.add_argument("--max-busy-cores", type=float, default=0.4,
-                        help="reject a repeat in which other processes used more cores than this (and try again)")
-    parser.add_argument("--max-attempts", type=int, default=8)
+    add_quiet_options(parser, max_attempts=8)
     parser.add_argument("--isolate", action="store_true",
                         help="give the model every core but core 0 (and that many torch threads, both sides); "
                              "Ray, the other stages and moto share core 0: the model has compute of its own, as on "
@@ -171,12 +165,8 @@ def main() -> None:
     model_dir = bench_model(args.size)
     moto = MotoServer(work / "moto.log")
     bucket = moto.bucket("bench")
-    s3 = moto.client()
     specs = {}
-    for n in (args.small, args.large):
-        buffer = io.BytesIO()
-        pq.write_table(pa.table({"prompt": prompts(n)}), buffer)
-        s3.put_object(Bucket=bucket, Key=f"prompts/{n}.parquet", Body=buffer.getvalue())
+    moto.put_prompts(bucket, (args.small, args.large))
     with torch_threads(args.threads), model_cores():
         engine = Engine(load_model(str(model_dir), device="cpu", dtype="float32"), max_batch_size=args.batch_size)
         bare_rate(engine, args.batch_size, args.batch_size, args.steps, args.px, args.guidance)  # warm-up
@@ -250,10 +240,7 @@ def main() -> None:
     finally:
         moto.stop()
 
-    if not repeats:
-        print("warning: every attempt ran on a busy machine; the figures below come from busy attempts",
-              file=sys.stderr)
-        repeats = rejected
+    repeats = quiet_repeats(repeats, rejected)
     result = {
         "bench": "efficiency",
         "machine": machine(),
