@@ -192,3 +192,21 @@ def test_queued_blocks_live_in_the_object_store_not_the_driver(ray_local):
     assert int(WORKER_ENV["RAY_max_direct_call_object_size"]) < 20_000
     assert where[block]["node_ids"], "a 20 kB result was inlined into the driver"
     assert where[tiny]["node_ids"] == [], "a 200-byte result went to the object store"
+
+
+def test_a_ray_started_by_batchgen_gets_the_worker_env(monkeypatch):
+    """The session Ray above is started by the tests; this checks that `batchgen run`'s own local Ray gets
+    the same environment (and runs without a dashboard), and that joining a cluster leaves its env alone."""
+    import ray
+
+    from batchgen.pipeline import WORKER_ENV, init_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    init_ray(None)
+    init_ray("ray://head:10001")
+    assert calls[0]["address"] is None and calls[0]["runtime_env"] == {"env_vars": WORKER_ENV}
+    assert calls[0]["include_dashboard"] is False
+    assert calls[1]["address"] == "ray://head:10001" and calls[1]["runtime_env"] is None
