@@ -29,3 +29,14 @@ def test_engine_still_exports_the_request_names():
     assert engine.GenerationRequest is requests.GenerationRequest
     assert engine.validate_request is requests.validate_request
     assert engine.MAX_SEED == requests.MAX_SEED
+
+
+def test_job_control_commands_stay_light():
+    """`batchgen status|logs|stop` import batchgen.submit to talk to the Jobs API: no data or model stack."""
+    code = (
+        "import sys; import batchgen.cli, batchgen.submit; "
+        "print(sorted(m for m in ('torch', 'pyarrow', 'PIL', 'boto3') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
