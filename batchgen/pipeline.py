@@ -124,14 +124,15 @@ def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: D
     spec = plan.spec
     done_ref = ray.put(done)  # shipped once through the object store, not inside every read task
 
-    def read(batch: pa.Table):
+    def read_prompt_rows(batch: pa.Table):  # the operator's name: batchgen.readahead finds the reader by it
         reader = RowReader(plan.input, spec.sampling, spec.input.rows_per_read, ray.get(done_ref))
         for task in batch.to_pylist():
             yield from reader.read(ReadTask(**task))
 
     tasks = [asdict(t) for t in plan.input.tasks]
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    ds = ds.map_batches(read, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+    ds = ds.map_batches(read_prompt_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                        compute=ray.data.TaskPoolStrategy(size=spec.compute.read_tasks))
     # Small tables arrive as one block: split so every actor gets work; a call carries batches_per_call batches.
     rows_per_call = spec.compute.batch_size * spec.compute.batches_per_call
     ds = ds.repartition(target_num_rows_per_block=rows_per_call)
@@ -223,7 +224,14 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     init_ray(spec.compute.address)
     from ray.data import DataContext
 
-    DataContext.get_current().execution_no_progress_timeout_s = spec.compute.no_progress_timeout_s
+    from batchgen.readahead import install as install_read_ahead_cap
+    from batchgen.readahead import read_ahead_rows
+
+    context = DataContext.get_current()
+    context.execution_no_progress_timeout_s = spec.compute.no_progress_timeout_s
+    # Start reading once min_actors generators are up: while none is, Ray Data's liveness rule runs the reader
+    # past any backpressure (nothing is running), so a long model load would let it read the whole input.
+    context.wait_for_min_actors_s = math.ceil(spec.compute.no_progress_timeout_s)
     resources = size_compute(spec.compute, *cluster_totals())
     logger.info("generator: %d-%d actors x (%.2f CPU, %g GPU, %d torch threads); batch size %d",
                 resources.min_actors, resources.max_actors, resources.cpus_per_actor, resources.gpus_per_actor,
@@ -233,6 +241,9 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     progress = Progress(max(0, expected - len(done)))
     counts = {"ok": 0, "errors": 0, "skipped": 0}
     first_stored: float | None = None
+    rows_per_call = spec.compute.batch_size * spec.compute.batches_per_call
+    install_read_ahead_cap(context, read_ahead_rows(
+        rows_per_call, resources.max_actors, spec.compute.read_ahead_calls, spec.input.rows_per_read))
     ds = build_dataset(plan, resources, storage, done, run_id)
     try:
         for summaries in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -136,6 +136,14 @@ class ComputeSpec(Section):
         "this): amortizes Ray's per-task cost and lets a batch's device-to-host copy overlap the next; the "
         "first image is stored after this many batches."
     )
+    read_ahead_calls: int = Field(
+        16, ge=1, le=1_000_000, description="Calls' worth of prompt rows per generator actor that the reader may hold "
+        "ready beyond those already handed to actors; bounds the driver's memory however big the input."
+    )
+    read_tasks: int = Field(
+        2, ge=1, le=1024, description="Prompt read tasks in flight (one Parquet row group each); with "
+        "read_ahead_calls it bounds how far the reader runs ahead."
+    )
     min_actors: int = Field(1, ge=1, description="Generator actors kept alive.")
     max_actors: int | None = Field(
         None, ge=1, description="Most generator actors; None = one per GPU, or min_actors on CPU-only clusters."

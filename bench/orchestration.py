@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the generator actor")
+    parser.add_argument("--read-ahead-calls", type=int, default=None,
+                        help="compute.read_ahead_calls (default: the spec's); 1000000 = the reader unbounded")
     parser.add_argument("--keep", action="store_true", help="keep the generated images and manifests")
     parser.add_argument("--max-other-cores", type=float, default=0.3)
     args = parser.parse_args()
@@ -63,7 +65,8 @@ def main() -> None:
         output = work / f"out-{n}"
         shutil.rmtree(output, ignore_errors=True)
         spec = job(model_dir, str(prompts_path), str(output), steps=args.steps, px=args.px, guidance=args.guidance,
-                   batch_size=args.batch_size, threads=args.threads)
+                   batch_size=args.batch_size, threads=args.threads,
+                   **({"read_ahead_calls": args.read_ahead_calls} if args.read_ahead_calls else {}))
         path = write_spec(work / f"job-{n}.yaml", spec)
         commands.append(f".venv/bin/batchgen run {path.relative_to(OUT.parent.parent)}")
         quiet = wait_quiet(args.max_other_cores)
@@ -89,7 +92,8 @@ def main() -> None:
             row[role] = row["peak_rss_mib"].get(role)
     data = {"bench": "orchestration", "machine": machine(), "args": vars(args), "commands": commands,
             "runs": results, "steady_rows_per_s_between_largest_two": steady}
-    out = save("orchestration", data)
+    name = "orchestration" if args.read_ahead_calls is None else f"orchestration-read-ahead-{args.read_ahead_calls}"
+    out = save(name, data)
     print()
     print(f"tiny model, {args.px}x{args.px} px, {args.steps} step, guidance {args.guidance}, batch {args.batch_size}, "
           f"PNG to local disk; {os.cpu_count()} cores")

@@ -210,3 +210,35 @@ def test_a_ray_started_by_batchgen_gets_the_worker_env(monkeypatch):
     assert calls[0]["address"] is None and calls[0]["runtime_env"] == {"env_vars": WORKER_ENV}
     assert calls[0]["include_dashboard"] is False
     assert calls[1]["address"] == "ray://head:10001" and calls[1]["runtime_env"] is None
+
+
+def test_reader_waits_for_the_generators_within_the_read_ahead_cap(tiny_model_dir, tmp_path, monkeypatch):
+    """Ray Data budgets object-store bytes, so without a cap in rows the reader of a big table runs the whole
+    table ahead of the generators (in blocks the driver keeps bookkeeping for). The cap holds the rows read but
+    not yet handed to a generator to the cap plus the read tasks in flight (one row group of 20 rows each).
+    With the cap lifted, the same job queues hundreds of rows (reading starts once the actors are up)."""
+    from batchgen.readahead import ReadAheadCap
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(prompts_table(600), path, row_group_size=20)
+    queued: list[int] = []
+    can_add_input = ReadAheadCap.can_add_input
+
+    def spy(self, op):
+        if self._gated and op is self._gated[-1]:  # the reader
+            queued.append(self.queued_rows(op))
+        return can_add_input(self, op)
+
+    monkeypatch.setattr(ReadAheadCap, "can_add_input", spy)
+    peaks = {}
+    for calls in (1, 1024):  # cap = max(8 rows x 2 actors x calls, 8 rows per read + 8): 16, then 16,384
+        queued.clear()
+        out = tmp_path / f"out-{calls}"
+        spec = job_spec(tiny_model_dir, str(path), str(out), **{
+            "input.rows_per_read": 8, "compute.read_ahead_calls": calls})
+        assert run_job(spec)["images_ok"] == 600
+        report = inspect_output(open_storage(str(out)))
+        assert report.healthy and report.ok == 600, report.problems
+        peaks[calls] = max(queued)
+    assert peaks[1] <= 16 + 2 * 20, peaks  # compute.read_tasks = 2 read tasks in flight
+    assert peaks[1024] >= 200, peaks
