@@ -132,7 +132,7 @@ def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: D
     tasks = [asdict(t) for t in plan.input.tasks]
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(read_prompt_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                        compute=ray.data.TaskPoolStrategy(size=spec.compute.read_tasks))
+                        compute=ray.data.TaskPoolStrategy(size=min(spec.compute.read_tasks, max(1, len(tasks)))))
     # Small tables arrive as one block: split so every actor gets work; a call carries batches_per_call batches.
     rows_per_call = spec.compute.batch_size * spec.compute.batches_per_call
     ds = ds.repartition(target_num_rows_per_block=rows_per_call)
