@@ -20,7 +20,7 @@ from batchgen.manifest import SUCCESS_KEY, committed_keys, manifest_totals, writ
 from batchgen.prompts import DoneKeys, InputPlan, ReadTask, RowReader, plan_input
 from batchgen.resume import check_fingerprint, fingerprint
 from batchgen.spec import ComputeSpec, JobSpec, dump_spec
-from batchgen.stages import GeneratorActor, ModelFacts, StoreStage
+from batchgen.stages import GeneratorActor, ModelFacts, StoreStage, below_generators
 from batchgen.storage import Storage, open_storage
 
 logger = logging.getLogger(__name__)
@@ -123,8 +123,10 @@ def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: D
 
     spec = plan.spec
     done_ref = ray.put(done)  # shipped once through the object store, not inside every read task
+    nice = spec.compute.cpu_stage_nice
 
     def read_prompt_rows(batch: pa.Table):  # the operator's name: batchgen.readahead finds the reader by it
+        below_generators(nice)
         reader = RowReader(plan.input, spec.sampling, spec.input.rows_per_read, ray.get(done_ref))
         for task in batch.to_pylist():
             yield from reader.read(ReadTask(**task))
@@ -149,12 +151,13 @@ def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: D
     )
     stage = StoreStage(storage, spec.output.format, spec.output.quality, plan.model, run_id)
     return ds.map_batches(
-        _store, fn_kwargs={"stage": stage}, batch_size=None, batch_format="pyarrow",
+        _store, fn_kwargs={"stage": stage, "nice": nice}, batch_size=None, batch_format="pyarrow",
         num_cpus=spec.compute.cpus_per_storage_task,
     )
 
 
-def _store(batch: pa.Table, stage: StoreStage) -> pa.Table:
+def _store(batch: pa.Table, stage: StoreStage, nice: int) -> pa.Table:
+    below_generators(nice)
     return stage(batch)
 
 
@@ -187,7 +190,12 @@ class Progress:
 # the driver until its turn, and the driver grew with the input (bench/orchestration.py: +120 MiB from
 # 10,000 to 300,000 rows, flat with this). Above 1 KiB they go to the object store, where Ray Data budgets,
 # spills and frees them; block metadata and the per-call summaries stay inline.
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_max_direct_call_object_size": "1024"}
+# RAY_worker_niceness: Ray starts every worker at niceness 15, below the driver, the raylet and anything else on
+# the node, and the generator with them. At 0 the generator outranks the read and store workers, which lower
+# themselves to compute.cpu_stage_nice (stages.below_generators): where they share cores (CPU generators; on a
+# GPU node, the thread feeding the GPU among many PNG encoders) the model wins and the stages catch up.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_max_direct_call_object_size": "1024",
+              "RAY_worker_niceness": "0"}
 
 
 def init_ray(address: str | None) -> None:

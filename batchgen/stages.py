@@ -43,6 +43,23 @@ class ModelFacts:
     dtype: str
 
 
+def below_generators(niceness: int) -> None:
+    """Raise every thread of this worker process to at least `niceness` (Linux niceness is per thread; threads
+    started later inherit their creator's). Idempotent, never lowers it; a no-op where the OS has no niceness."""
+    if niceness <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        threads = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]
+    for tid in threads:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
+                os.setpriority(os.PRIO_PROCESS, tid, niceness)
+        except OSError:  # a thread that exited meanwhile
+            pass
+
+
 def library_versions() -> str:
     from importlib.metadata import version
 

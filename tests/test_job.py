@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
+import threading
 from collections import Counter
 
 import numpy as np
@@ -242,3 +245,45 @@ def test_reader_waits_for_the_generators_within_the_read_ahead_cap(tiny_model_di
         peaks[calls] = max(queued)
     assert peaks[1] <= 16 + 2 * 20, peaks  # compute.read_tasks = 2 read tasks in flight
     assert peaks[1024] >= 200, peaks
+
+
+def _thread_niceness(pid: int) -> list[int]:
+    """Niceness of every thread of `pid` (field 19 of /proc/PID/task/TID/stat, after the command's ')')."""
+    values = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            values.append(int(f.read().rsplit(")", 1)[1].split()[16]))
+    return values
+
+
+def test_generators_outrank_the_cpu_stages(tiny_model_dir, tmp_path):
+    """Ray starts every worker at niceness 15, below the driver, the raylet and an S3 server on the node; with
+    WORKER_ENV the generator runs at the OS default and the reader and store workers at compute.cpu_stage_nice,
+    so on shared cores the model's threads win. Seen by sampling /proc while a job runs."""
+    import psutil
+
+    path = write_table(tmp_path / "p.parquet", prompts_table(96))
+    seen: dict[str, list[list[int]]] = {"generator": [], "store": []}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            for proc in psutil.process_iter(["cmdline"]):
+                with contextlib.suppress(psutil.Error, OSError, IndexError, ValueError):
+                    title = " ".join(proc.info["cmdline"] or [])
+                    role = "generator" if "GeneratorActor" in title else "store" if "(_store)" in title else None
+                    if role and title.startswith("ray::"):
+                        seen[role].append(_thread_niceness(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        spec = job_spec(tiny_model_dir, str(path), str(tmp_path / "out"), **{"compute.cpu_stage_nice": 17})
+        assert run_job(spec)["images_ok"] == 96
+    finally:
+        stop.set()
+        sampler.join()
+    assert seen["generator"] and all(max(sample) == 0 for sample in seen["generator"]), seen["generator"][:3]
+    # a sample may land between the task starting and its first line raising the threads
+    assert any(min(sample) >= 17 for sample in seen["store"]), seen["store"][:3]
+    assert all(max(sample) <= 17 for sample in seen["store"]), seen["store"][:3]

@@ -81,3 +81,31 @@ def test_image_keys_stay_inside_and_unique():
     for key in keys:
         parts = key.split("/")
         assert parts[0] == "images" and len(parts) == 3 and all(p not in ("", ".", "..") for p in parts)
+
+
+def test_below_generators_raises_every_thread_and_never_lowers():
+    """Linux niceness is per thread: every existing thread is raised, threads started later inherit it, and a
+    thread already nicer than asked keeps its niceness. Run in a child so this test process keeps its own."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os, threading
+        from batchgen.stages import below_generators
+
+        started = threading.Event(); stop = threading.Event()
+        def idle():
+            started.set(); stop.wait()
+        early = threading.Thread(target=idle); early.start(); started.wait()
+        os.setpriority(os.PRIO_PROCESS, early.native_id, 18)
+        below_generators(7)
+        below_generators(7)  # idempotent: os.nice would add up
+        late = threading.Thread(target=stop.wait); late.start()
+        nice = lambda tid: os.getpriority(os.PRIO_PROCESS, tid)
+        print(nice(threading.get_native_id()), nice(early.native_id), nice(late.native_id))
+        stop.set()
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["7", "18", "7"]
