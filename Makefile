@@ -29,6 +29,7 @@ bench: setup
 	$(PY) bench/efficiency.py
 	$(PY) bench/baselines.py
 	$(PY) bench/orchestration.py
+	$(PY) bench/raydata_driver.py
 	$(PY) bench/coldstart.py
 
 lint: setup

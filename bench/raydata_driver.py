@@ -1,0 +1,142 @@
+"""Control for section c's driver growth: a Ray Data pipeline of batchgen's shape with none of batchgen's code.
+
+    .venv/bin/python bench/raydata_driver.py [--rows 10000 100000 300000] [--rows-per-call 256]
+
+Same operators as batchgen.pipeline.build_dataset (row-group read tasks -> re-blocking to one call's rows ->
+one actor -> a task per call that returns one summary row, iterated on the driver), the same Ray settings as a
+Ray batchgen starts (no dashboard, WORKER_ENV), but the read task makes rows in memory, the actor adds 192
+bytes of "pixels" a row and the last task stores nothing. Each row count runs in a fresh driver process that
+samples its own RSS every 0.5 s (`--row-ms` makes the actor take a model's time, so growth per second and
+growth per row can be told apart); the table gives RSS at 10/25/50/75/95 % of the rows consumed and the peak.
+If this driver grows as batchgen's does, the growth is Ray's or Ray Data's, not batchgen's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+
+from _common import load1, machine, save, table, wait_quiet
+
+FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.95)
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def hwm_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def one(rows: int, rows_per_call: int, rows_per_read: int, rows_per_task: int, row_ms: float) -> dict:
+    import pyarrow as pa
+    import ray
+
+    from batchgen.pipeline import WORKER_ENV
+
+    ray.init(include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": WORKER_ENV})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    done = [0]
+    samples: list[tuple[int, float]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            samples.append((done[0], rss_mib()))
+
+    def read(batch: pa.Table):
+        for task in batch.to_pylist():
+            for first in range(task["start"], task["start"] + task["n"], rows_per_read):
+                ids = range(first, min(task["start"] + task["n"], first + rows_per_read))
+                yield pa.table({"id": [f"row-{i}" for i in ids], "prompt": [f"a prompt number {i}" for i in ids],
+                                "seed": list(ids)})
+
+    class Generator:
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            time.sleep(row_ms * batch.num_rows / 1000)  # a model's time, without its CPU
+            return batch.append_column("pixels", pa.array([bytes(192)] * batch.num_rows, pa.binary()))
+
+    def store(batch: pa.Table) -> pa.Table:
+        return pa.table({"ok": [batch.num_rows]})
+
+    tasks = [{"start": s, "n": min(rows_per_task, rows - s)} for s in range(0, rows, rows_per_task)]
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    ds = ds.map_batches(read, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                        compute=ray.data.TaskPoolStrategy(size=min(2, len(tasks))))
+    ds = ds.repartition(target_num_rows_per_block=rows_per_call)
+    ds = ds.map_batches(Generator, batch_size=rows_per_call, batch_format="pyarrow", num_cpus=0.5,
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1))
+    ds = ds.map_batches(store, batch_size=None, batch_format="pyarrow", num_cpus=0.25)
+    sampler = threading.Thread(target=sample, daemon=True)
+    start_rss = rss_mib()
+    start = time.perf_counter()
+    sampler.start()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        done[0] += sum(batch.column("ok").to_pylist())
+    wall = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    assert done[0] == rows, (done[0], rows)
+    curve = []
+    for f in FRACTIONS:
+        at = [rss for n, rss in samples if n >= f * rows]
+        curve.append(round(at[0]) if at else None)
+    return {"rows": rows, "wall_s": round(wall, 1), "rows_per_s": round(rows / wall),
+            "calls": -(-rows // rows_per_call), "rss_before_mib": round(start_rss), "rss_curve_mib": curve,
+            "peak_rss_mib": round(hwm_mib())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 300_000])
+    parser.add_argument("--rows-per-call", type=int, default=256, help="batchgen: batch_size x batches_per_call")
+    parser.add_argument("--rows-per-read", type=int, default=1024, help="rows per block a read task yields")
+    parser.add_argument("--rows-per-task", type=int, default=10_000, help="rows per read task (a row group)")
+    parser.add_argument("--row-ms", type=float, default=0.0,
+                        help="the actor sleeps this long per row (2 = about batchgen's rate in section c)")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--max-other-cores", type=float, default=0.3)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.rows_per_call, args.rows_per_read, args.rows_per_task, args.row_ms)))
+        return
+    results = []
+    for rows in args.rows:
+        wait_quiet(args.max_other_cores)
+        before = load1()
+        cmd = [sys.executable, __file__, "--one", str(rows), "--rows-per-call", str(args.rows_per_call),
+               "--rows-per-read", str(args.rows_per_read), "--rows-per-task", str(args.rows_per_task),
+               "--row-ms", str(args.row_ms)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result["load1"] = before
+        results.append(result)
+        print(result, flush=True)
+    print()
+    print(f"pure Ray Data, batchgen's shape; rows per call {args.rows_per_call}, per read block "
+          f"{args.rows_per_read}, per read task {args.rows_per_task}; actor {args.row_ms} ms a row; driver RSS MiB")
+    rows_out = [{**r, **{f"at {int(f * 100)}%": v for f, v in zip(FRACTIONS, r["rss_curve_mib"], strict=True)}}
+                for r in results]
+    print(table(rows_out, [("rows", "rows", "d"), ("wall_s", "wall s", ".1f"), ("rows_per_s", "rows/s", "d"),
+                           ("rss_before_mib", "before", "d")]
+                + [(f"at {int(f * 100)}%", f"at {int(f * 100)}%", "d") for f in FRACTIONS]
+                + [("peak_rss_mib", "peak", "d")]))
+    name = "raydata-driver" + (f"-{args.row_ms:g}ms" if args.row_ms else "")
+    print(f"wrote {save(name, {'machine': machine(), 'args': vars(args), 'results': results})}")
+
+
+if __name__ == "__main__":
+    main()
