@@ -306,7 +306,7 @@ class TreeMonitor:
                     title = " ".join(proc.cmdline()).strip()[:200] or proc.name()
                     cpu = sum(proc.cpu_times()[:2]) - self._base.get(proc.pid, 0.0)
                     rss = proc.memory_info().rss / 2**20
-                hwm = _vm_hwm_mib(proc.pid)
+                hwm = status_mib(proc.pid)
             except (psutil.Error, OSError):
                 continue
             stats = self.stats.get(proc.pid)
@@ -333,10 +333,11 @@ class TreeMonitor:
         return {k: round(v, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
-def _vm_hwm_mib(pid: int) -> float | None:
+def status_mib(pid: int, field: str = "VmHWM") -> float | None:
+    """A memory field of /proc/PID/status in MiB: VmHWM (peak RSS, the default) or VmRSS (now)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return None
 

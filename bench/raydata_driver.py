@@ -15,30 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 
-from _common import load1, machine, save, table, wait_quiet
+from _common import load1, machine, save, status_mib, table, wait_quiet
 
 FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.95)
 
 
 def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def hwm_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return status_mib(os.getpid(), "VmRSS") or 0.0
 
 
 def one(rows: int, rows_per_call: int, rows_per_read: int, rows_per_task: int, row_ms: float) -> dict:
@@ -96,7 +85,7 @@ def one(rows: int, rows_per_call: int, rows_per_read: int, rows_per_task: int, r
         curve.append(round(at[0]) if at else None)
     return {"rows": rows, "wall_s": round(wall, 1), "rows_per_s": round(rows / wall),
             "calls": -(-rows // rows_per_call), "rss_before_mib": round(start_rss), "rss_curve_mib": curve,
-            "peak_rss_mib": round(hwm_mib())}
+            "peak_rss_mib": round(status_mib(os.getpid()) or 0.0)}
 
 
 def main() -> None:
