@@ -30,14 +30,20 @@ def rss_mib() -> float:
     return status_mib(os.getpid(), "VmRSS") or 0.0
 
 
-def one(rows: int, rows_per_call: int, rows_per_read: int, rows_per_task: int, row_ms: float) -> dict:
+def one(rows: int, rows_per_call: int, rows_per_read: int, rows_per_task: int, row_ms: float,
+        read_ahead_rows: int) -> dict:
     import pyarrow as pa
     import ray
 
     from batchgen.pipeline import WORKER_ENV
 
     ray.init(include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": WORKER_ENV})
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    if read_ahead_rows:  # batchgen's one addition to Ray Data's scheduling
+        from batchgen.readahead import install
+
+        install(context, read_ahead_rows)
     done = [0]
     samples: list[tuple[int, float]] = []
     stop = threading.Event()
@@ -46,14 +52,14 @@ def one(rows: int, rows_per_call: int, rows_per_read: int, rows_per_task: int, r
         while not stop.wait(0.5):
             samples.append((done[0], rss_mib()))
 
-    def read(batch: pa.Table):
+    def read_prompt_rows(batch: pa.Table):  # the names batchgen.readahead finds the operators by
         for task in batch.to_pylist():
             for first in range(task["start"], task["start"] + task["n"], rows_per_read):
                 ids = range(first, min(task["start"] + task["n"], first + rows_per_read))
                 yield pa.table({"id": [f"row-{i}" for i in ids], "prompt": [f"a prompt number {i}" for i in ids],
                                 "seed": list(ids)})
 
-    class Generator:
+    class GeneratorActor:
         def __call__(self, batch: pa.Table) -> pa.Table:
             time.sleep(row_ms * batch.num_rows / 1000)  # a model's time, without its CPU
             return batch.append_column("pixels", pa.array([bytes(192)] * batch.num_rows, pa.binary()))
@@ -63,10 +69,10 @@ def one(rows: int, rows_per_call: int, rows_per_read: int, rows_per_task: int, r
 
     tasks = [{"start": s, "n": min(rows_per_task, rows - s)} for s in range(0, rows, rows_per_task)]
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    ds = ds.map_batches(read, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+    ds = ds.map_batches(read_prompt_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                         compute=ray.data.TaskPoolStrategy(size=min(2, len(tasks))))
     ds = ds.repartition(target_num_rows_per_block=rows_per_call)
-    ds = ds.map_batches(Generator, batch_size=rows_per_call, batch_format="pyarrow", num_cpus=0.5,
+    ds = ds.map_batches(GeneratorActor, batch_size=rows_per_call, batch_format="pyarrow", num_cpus=0.5,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1))
     ds = ds.map_batches(store, batch_size=None, batch_format="pyarrow", num_cpus=0.25)
     sampler = threading.Thread(target=sample, daemon=True)
@@ -96,11 +102,15 @@ def main() -> None:
     parser.add_argument("--rows-per-task", type=int, default=10_000, help="rows per read task (a row group)")
     parser.add_argument("--row-ms", type=float, default=0.0,
                         help="the actor sleeps this long per row (2 = about batchgen's rate in section c)")
+    parser.add_argument("--read-ahead-rows", type=int, default=0,
+                        help="install batchgen.readahead.ReadAheadCap with this cap (batchgen's default for one "
+                        "actor and 256-row calls: 4096); 0 = Ray Data alone")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--max-other-cores", type=float, default=0.3)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.rows_per_call, args.rows_per_read, args.rows_per_task, args.row_ms)))
+        print(json.dumps(one(args.one, args.rows_per_call, args.rows_per_read, args.rows_per_task, args.row_ms,
+                             args.read_ahead_rows)))
         return
     results = []
     for rows in args.rows:
@@ -108,7 +118,7 @@ def main() -> None:
         before = load1()
         cmd = [sys.executable, __file__, "--one", str(rows), "--rows-per-call", str(args.rows_per_call),
                "--rows-per-read", str(args.rows_per_read), "--rows-per-task", str(args.rows_per_task),
-               "--row-ms", str(args.row_ms)]
+               "--row-ms", str(args.row_ms), "--read-ahead-rows", str(args.read_ahead_rows)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         result["load1"] = before
@@ -116,14 +126,16 @@ def main() -> None:
         print(result, flush=True)
     print()
     print(f"pure Ray Data, batchgen's shape; rows per call {args.rows_per_call}, per read block "
-          f"{args.rows_per_read}, per read task {args.rows_per_task}; actor {args.row_ms} ms a row; driver RSS MiB")
+          f"{args.rows_per_read}, per read task {args.rows_per_task}; actor {args.row_ms} ms a row; read-ahead cap "
+          f"{args.read_ahead_rows or 'none'}; driver RSS MiB")
     rows_out = [{**r, **{f"at {int(f * 100)}%": v for f, v in zip(FRACTIONS, r["rss_curve_mib"], strict=True)}}
                 for r in results]
     print(table(rows_out, [("rows", "rows", "d"), ("wall_s", "wall s", ".1f"), ("rows_per_s", "rows/s", "d"),
                            ("rss_before_mib", "before", "d")]
                 + [(f"at {int(f * 100)}%", f"at {int(f * 100)}%", "d") for f in FRACTIONS]
                 + [("peak_rss_mib", "peak", "d")]))
-    name = "raydata-driver" + (f"-{args.row_ms:g}ms" if args.row_ms else "")
+    name = ("raydata-driver" + (f"-{args.row_ms:g}ms" if args.row_ms else "")
+            + (f"-cap{args.read_ahead_rows}" if args.read_ahead_rows else ""))
     print(f"wrote {save(name, {'machine': machine(), 'args': vars(args), 'results': results})}")
 
 
