@@ -157,7 +157,7 @@ class ComputeSpec(Section):
     cpu_stage_nice: int = Field(
         15, ge=0, le=19, description="Niceness of the worker processes that read prompts and encode+store images, "
         "so that where they share cores with a generator (its torch threads on CPU, the thread feeding a GPU) the "
-        "generator wins; they have queued work to catch up on. 0 = leave them at the OS default."
+        "generator wins; they have queued work to catch up on. 0 = leave them as Ray started them."
     )
     accelerator_resource: str | None = Field(
         None, description="Custom Ray resource the generator actors require (1 unit each), e.g. to pin to nodes."
