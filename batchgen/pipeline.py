@@ -19,7 +19,7 @@ from batchgen.loading import check_model_dir, weights_sha256
 from batchgen.manifest import SUCCESS_KEY, committed_keys, manifest_totals, write_success
 from batchgen.prompts import DoneKeys, InputPlan, ReadTask, RowReader, plan_input
 from batchgen.resume import check_fingerprint, fingerprint
-from batchgen.spec import ComputeSpec, JobSpec, dump_spec
+from batchgen.spec import ComputeSpec, JobSpec, SamplingSpec, dump_spec
 from batchgen.stages import GeneratorActor, ModelFacts, StoreStage, below_generators
 from batchgen.storage import Storage, open_storage
 
@@ -124,16 +124,11 @@ def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: D
     spec = plan.spec
     done_ref = ray.put(done)  # shipped once through the object store, not inside every read task
     nice = spec.compute.cpu_stage_nice
-
-    def read_prompt_rows(batch: pa.Table):  # the operator's name: batchgen.readahead finds the reader by it
-        below_generators(nice)
-        reader = RowReader(plan.input, spec.sampling, spec.input.rows_per_read, ray.get(done_ref))
-        for task in batch.to_pylist():
-            yield from reader.read(ReadTask(**task))
-
     tasks = [asdict(t) for t in plan.input.tasks]
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(read_prompt_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                        fn_kwargs={"plan": plan.input, "sampling": spec.sampling,
+                                   "rows_per_read": spec.input.rows_per_read, "done_ref": done_ref, "nice": nice},
                         compute=ray.data.TaskPoolStrategy(size=min(spec.compute.read_tasks, max(1, len(tasks)))))
     # Small tables arrive as one block: split so every actor gets work; a call carries batches_per_call batches.
     rows_per_call = spec.compute.batch_size * spec.compute.batches_per_call
@@ -154,6 +149,18 @@ def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: D
         _store, fn_kwargs={"stage": stage, "nice": nice}, batch_size=None, batch_format="pyarrow",
         num_cpus=spec.compute.cpus_per_storage_task,
     )
+
+
+def read_prompt_rows(batch: pa.Table, plan: InputPlan, sampling: SamplingSpec, rows_per_read: int, done_ref: Any,
+                     nice: int):
+    """The read stage: a batch of ReadTasks (one Parquet row group each) to work rows. The operator is named
+    after this function: batchgen.readahead finds the reader by it."""
+    import ray
+
+    below_generators(nice)
+    reader = RowReader(plan, sampling, rows_per_read, ray.get(done_ref))
+    for task in batch.to_pylist():
+        yield from reader.read(ReadTask(**task))
 
 
 def _store(batch: pa.Table, stage: StoreStage, nice: int) -> pa.Table:

@@ -9,8 +9,10 @@ import json
 import os
 import threading
 from collections import Counter
+from dataclasses import asdict
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -258,8 +260,8 @@ def _thread_niceness(pid: int) -> list[int]:
 
 def test_generators_outrank_the_cpu_stages(tiny_model_dir, tmp_path):
     """Ray starts every worker at niceness 15, below the driver, the raylet and an S3 server on the node; with
-    WORKER_ENV the generator runs at the OS default and the reader and store workers at compute.cpu_stage_nice,
-    so on shared cores the model's threads win. Seen by sampling /proc while a job runs."""
+    WORKER_ENV the generator runs at the OS default and the store workers at compute.cpu_stage_nice, so on
+    shared cores the model's threads win (the reader: the test above). Seen by sampling /proc while a job runs."""
     import psutil
 
     path = write_table(tmp_path / "p.parquet", prompts_table(96))
@@ -287,3 +289,27 @@ def test_generators_outrank_the_cpu_stages(tiny_model_dir, tmp_path):
     # a sample may land between the task starting and its first line raising the threads
     assert any(min(sample) >= 17 for sample in seen["store"]), seen["store"][:3]
     assert all(max(sample) <= 17 for sample in seen["store"]), seen["store"][:3]
+
+
+def test_the_reader_lowers_its_worker_before_reading(tiny_model_dir, tmp_path):
+    """The read stage, run as the Ray task it is, lowers every thread of its worker to compute.cpu_stage_nice
+    and yields the table's rows. (Sampling /proc during a job cannot show this: a fresh worker spends ~0.5 s
+    unpickling and importing before the function runs, and a worker that ran a store task is lowered already;
+    18 is a value no other test asks for.)"""
+    import ray
+
+    from batchgen.pipeline import read_prompt_rows
+    from batchgen.prompts import DoneKeys, plan_input
+
+    path = write_table(tmp_path / "p.parquet", prompts_table(12))
+    spec = job_spec(tiny_model_dir, str(path), str(tmp_path / "out"))
+    plan = plan_input(spec.input)
+
+    @ray.remote(num_cpus=0.25)
+    def read_in_a_worker(task: dict) -> tuple[int, list[int]]:
+        blocks = read_prompt_rows(pa.Table.from_pylist([task]), plan, spec.sampling, 8, ray.put(DoneKeys([])), 18)
+        return sum(block.num_rows for block in blocks), _thread_niceness(os.getpid())
+
+    rows, niceness = ray.get(read_in_a_worker.remote(asdict(plan.tasks[0])))
+    assert rows == 12
+    assert set(niceness) == {18}, niceness
