@@ -125,7 +125,7 @@ def validate(spec, verbose, **flags):
 
         job = load_job(spec, flags)
         plan = plan_job(job)
-        images, groups = describe_groups(plan.input, job.sampling)
+        images, groups = describe_groups(plan.input, job.sampling, plan.rules)
         import os
 
         gpus = torch.cuda.device_count()
@@ -138,7 +138,10 @@ def validate(spec, verbose, **flags):
     click.echo(f"images: {images}")
     click.echo(f"model: {plan.model.source} (sha256 {plan.model.sha256[:16] or 'resolved on load'})")
     click.echo(f"output: {job.output.uri} ({job.output.format})")
-    click.echo(f"sub-batch groups (steps, width, height, scheduler, eta): {len(groups)}")
+    from batchgen.rows import GROUP_FIELDS
+
+    click.echo(f"model family: {plan.rules.family}; schedulers: {', '.join(plan.rules.schedulers)}")
+    click.echo(f"sub-batch groups ({', '.join(GROUP_FIELDS)}): {len(groups)}")
     for key, count in sorted(groups.items(), key=lambda kv: -kv[1])[:20]:
         click.echo(f"  {key}: {count} images")
     click.echo(f"generator actors: {resources.min_actors}-{resources.max_actors}, each {resources.cpus_per_actor} CPU, "
@@ -177,7 +180,7 @@ def inspect(output, no_hashes):
 def make_tiny_model_command(directory, family, size):
     """Write a random-weight diffusers pipeline (real classes, safetensors) for tests and demos."""
     setup_logging(False)
-    from batchgen.tiny import make_tiny_model
+    from batchgen.models.tiny import make_tiny_model
 
     path = make_tiny_model(directory, family, size)
     click.echo(str(path))

@@ -9,15 +9,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from batchgen.errors import RowError
-from batchgen.families import Conditioning, FamilyAdapter, concat, take
-from batchgen.loading import LoadedModel
-from batchgen.requests import MAX_SEED, MAX_SIDE, MAX_STEPS, GenerationRequest, validate_request
-from batchgen.schedulers import make_scheduler, step_kwargs
+from batchgen.models.adapter import Conditioning, FamilyAdapter, concat, take
+from batchgen.models.loading import LoadedModel
+from batchgen.rows import MAX_SEED, MAX_SIDE, MAX_STEPS, GenerationRequest, validate_request
 
-# The row-level names live in the torch-free batchgen.requests; they stay importable from here.
+# The row-level names live in the torch-free batchgen.rows; they stay importable from here.
 __all__ = ["MAX_SEED", "MAX_SIDE", "MAX_STEPS", "Engine", "GenerationRequest", "GenerationResult", "validate_request"]
 
 logger = logging.getLogger(__name__)
@@ -73,7 +71,7 @@ class _LaunchedChunk:
 
 
 class Engine:
-    """Runs batches of GenerationRequests on one loaded model.
+    """Runs batches of GenerationRequests on one loaded model; the model's family adapter samples.
 
     The same row gives the same image whatever the batch size and whatever rows share its batch:
     initial and per-step noise come from a CPU generator per row seeded with the row's seed, and all
@@ -86,7 +84,6 @@ class Engine:
         self.model = model
         self.adapter: FamilyAdapter = model.adapter
         self.device = model.device
-        self.dtype = model.dtype
         self.max_batch_size = max_batch_size
         self.batch_limit = max_batch_size  # lowered on out-of-memory, raised back after grow_after good chunks
         self.grow_after = grow_after
@@ -97,7 +94,7 @@ class Engine:
     def empty_conditioning(self) -> Conditioning:
         """The empty-prompt conditioning (the default negative), computed once per model."""
         if self._empty is None:
-            self._empty = self.adapter.encode_text([""]).conditioning
+            self._empty = self.adapter.empty_conditioning()
         return self._empty
 
     def generate(
@@ -108,7 +105,7 @@ class Engine:
         valid: list[int] = []
         for i, req in enumerate(requests):
             try:
-                validate_request(req, self.adapter.vae_scale_factor)
+                validate_request(req, self.adapter.rules)
                 valid.append(i)
             except RowError as e:
                 results[i] = GenerationResult(None, req.seed, error=str(e))
@@ -116,11 +113,13 @@ class Engine:
             return results  # type: ignore[return-value]
 
         # 1. Encode each distinct text once for the whole call (sweeps repeat prompts).
-        texts = sorted({requests[i].prompt for i in valid} | {requests[i].negative_prompt for i in valid} - {""})
+        keys = {i: self.adapter.text_keys(requests[i]) for i in valid}
+        empty = self.adapter.empty_key
+        texts = sorted({key for pair in keys.values() for key in pair} - {empty})
         position = {text: n for n, text in enumerate(texts)}
         encoded = self.adapter.encode_text(texts) if texts else None
         table = concat(encoded.conditioning, self.empty_conditioning()) if encoded else self.empty_conditioning()
-        position[""] = len(texts)
+        position[empty] = len(texts)
         truncated = dict(zip(texts, encoded.truncated, strict=True)) if encoded else {}
 
         # 2. Group rows that can share a loop; run each group in chunks of at most the batch limit.
@@ -133,7 +132,7 @@ class Engine:
             start = 0
             while start < len(members):
                 chunk = members[start : start + (self.batch_limit or len(members))]
-                launched = self._launch_or_shrink(requests, chunk, table, position, output, results)
+                launched = self._launch_or_shrink(requests, chunk, table, position, keys, output, results)
                 if launched is None and len(chunk) > 1:
                     continue  # retry the same rows at the lowered limit
                 start += len(chunk)
@@ -144,13 +143,13 @@ class Engine:
         if pending is not None:
             pending.collect(results)
         for i in valid:
-            results[i].truncated = truncated.get(requests[i].prompt, False)  # type: ignore[union-attr]
+            results[i].truncated = truncated.get(keys[i][0], False)  # type: ignore[union-attr]
         return results  # type: ignore[return-value]
 
-    def _launch_or_shrink(self, requests, chunk, table, position, output, results) -> _LaunchedChunk | None:
+    def _launch_or_shrink(self, requests, chunk, table, position, keys, output, results) -> _LaunchedChunk | None:
         """Launch a chunk; on out-of-memory lower the batch limit and return None (a lone row becomes an error)."""
         try:
-            launched = self._launch(requests, chunk, table, position, output)
+            launched = self._launch(requests, chunk, table, position, keys, output)
         except torch.OutOfMemoryError as e:
             message = str(e).splitlines()[0] if str(e) else "out of memory"
         else:
@@ -182,15 +181,15 @@ class Engine:
         self._fitted = 0
         logger.info("batch limit back up to %s after %d chunks that fit", self.batch_limit, self.grow_after)
 
-    def _launch(self, requests, chunk, table, position, output) -> _LaunchedChunk:
+    def _launch(self, requests, chunk, table, position, keys, output) -> _LaunchedChunk:
         rows = [requests[i] for i in chunk]
         on_cuda = self.device.type == "cuda"
         started = time.perf_counter()
         start_event = torch.cuda.Event(enable_timing=True) if on_cuda else None
         if start_event is not None:
             start_event.record()
-        cond = take(table, [position[r.prompt] for r in rows])
-        uncond = take(table, [position[r.negative_prompt] for r in rows])
+        cond = take(table, [position[keys[i][0]] for i in chunk])
+        uncond = take(table, [position[keys[i][1]] for i in chunk])
         images = self.denoise(rows, cond, uncond)
         with torch.inference_mode():
             finite = torch.isfinite(images).flatten(1).all(dim=1)
@@ -209,31 +208,6 @@ class Engine:
             ready.record()
         return _LaunchedChunk(chunk, rows, host, finite_host, None, start_event, ready)
 
-    @torch.inference_mode()
     def denoise(self, rows: list[GenerationRequest], cond: Conditioning, uncond: Conditioning) -> torch.Tensor:
-        """The denoising loop for rows sharing steps, size, scheduler and eta; float images in [0, 1]."""
-        first = rows[0]
-        scheduler = make_scheduler(first.scheduler, self.adapter.base_scheduler_config)
-        scheduler.set_timesteps(first.steps, device=self.device)
-        generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in rows]
-        factor = self.adapter.vae_scale_factor
-        shape = (len(rows), self.adapter.latent_channels, first.height // factor, first.width // factor)
-        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
-        latents = latents * scheduler.init_noise_sigma
-
-        guidance = torch.tensor([float(r.guidance_scale) for r in rows], device=self.device, dtype=self.dtype)
-        guidance = guidance.view(-1, 1, 1, 1)
-        guided = guidance > 1
-        # One denoiser call of 2B rows (unconditional, then conditional); none of B when no row guides.
-        use_cfg = bool(guided.any())
-        conditioning = concat(uncond, cond) if use_cfg else cond
-        extra = step_kwargs(scheduler, generators, first.eta)
-        for t in scheduler.timesteps:
-            model_input = torch.cat([latents, latents]) if use_cfg else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            prediction = self.adapter.predict(model_input, t, conditioning, first.width, first.height)
-            if use_cfg:
-                pred_uncond, pred_cond = prediction.chunk(2)
-                prediction = torch.where(guided, pred_uncond + guidance * (pred_cond - pred_uncond), pred_cond)
-            latents = scheduler.step(prediction, t, latents, **extra, return_dict=False)[0]
-        return self.adapter.decode(latents)
+        """Rows sharing steps, size, scheduler and eta -> float images in [0, 1], sampled by the family."""
+        return self.adapter.sample(rows, cond, uncond)

@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchgen.models.source import MODEL_COLUMNS
 from batchgen.prompts import DoneKeys, sample_key
-from batchgen.requests import GenerationRequest
+from batchgen.rows import MANIFEST_FIELDS, GenerationRequest, arrow_fields, arrow_type, request_from
 from batchgen.storage import NotFound, Storage
 
 logger = logging.getLogger(__name__)
@@ -23,39 +24,14 @@ logger = logging.getLogger(__name__)
 MANIFEST_PREFIX = "manifests/"
 SUCCESS_KEY = "_SUCCESS"
 
+# The row fields the manifest records (the row contract says which), then how the image was made and stored.
 MANIFEST_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("sample_index", pa.int64()),
-        ("prompt", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("steps", pa.int64()),
-        ("guidance_scale", pa.float64()),
-        ("scheduler", pa.string()),
-        ("eta", pa.float64()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("model", pa.string()),
-        ("model_revision", pa.string()),
-        ("model_sha256", pa.string()),
-        ("dtype", pa.string()),
-        ("image_uri", pa.string()),
-        ("sha256", pa.string()),
-        ("bytes", pa.int64()),
-        ("format", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("truncated", pa.bool_()),
-        ("generate_ms", pa.float64()),
-        ("encode_ms", pa.float64()),
-        ("upload_ms", pa.float64()),
-        ("batch_size", pa.int64()),
-        ("worker", pa.string()),
-        ("versions", pa.string()),
-        ("extra", pa.string()),
-        ("run_id", pa.string()),
-    ]
+    [("id", pa.string()), ("sample_index", pa.int64()), *arrow_fields(MANIFEST_FIELDS),
+     *((name, arrow_type(kind)) for name, kind in MODEL_COLUMNS),
+     ("image_uri", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()), ("format", pa.string()),
+     ("status", pa.string()), ("error", pa.string()), ("truncated", pa.bool_()), ("generate_ms", pa.float64()),
+     ("encode_ms", pa.float64()), ("upload_ms", pa.float64()), ("batch_size", pa.int64()), ("worker", pa.string()),
+     ("versions", pa.string()), ("extra", pa.string()), ("run_id", pa.string())]
 )
 
 
@@ -115,18 +91,9 @@ def manifest_totals(storage: Storage) -> dict[str, int]:
 
 
 def request_from_row(row: dict[str, Any]) -> GenerationRequest:
-    """The engine request that reproduces a manifest row's image (with the model it names)."""
-    return GenerationRequest(
-        prompt=row["prompt"],
-        seed=int(row["seed"]),
-        negative_prompt=row["negative_prompt"] or "",
-        guidance_scale=float(row["guidance_scale"]),
-        steps=int(row["steps"]),
-        width=int(row["width"]),
-        height=int(row["height"]),
-        scheduler=row["scheduler"],
-        eta=float(row["eta"]),
-    )
+    """The engine request that reproduces a manifest row's image (with the model it names): its recorded row
+    fields; those recorded null (not used by the model's family) keep the request's defaults."""
+    return request_from({name: value for name, value in row.items() if value is not None})
 
 
 def write_success(storage: Storage, summary: dict[str, Any]) -> None:

@@ -15,12 +15,15 @@ from typing import Any
 import pyarrow as pa
 
 from batchgen.errors import BatchgenError, JobConfigError
-from batchgen.loading import check_model_dir, weights_sha256
 from batchgen.manifest import SUCCESS_KEY, committed_keys, manifest_totals, write_success
+from batchgen.models.families import family_for
+from batchgen.models.schedulers import MODEL_SCHEDULER, model_scheduler_name
+from batchgen.models.source import ModelFacts, model_source
 from batchgen.prompts import DoneKeys, InputPlan, ReadTask, RowReader, plan_input
 from batchgen.resume import check_fingerprint, fingerprint
+from batchgen.rows import Rules
 from batchgen.spec import ComputeSpec, JobSpec, SamplingSpec, dump_spec
-from batchgen.stages import GeneratorActor, ModelFacts, StoreStage, below_generators
+from batchgen.stages import GeneratorActor, StoreStage, below_generators
 from batchgen.storage import Storage, open_storage
 
 logger = logging.getLogger(__name__)
@@ -78,43 +81,51 @@ class JobPlan:
     input: InputPlan
     model_options: dict[str, Any]
     model: ModelFacts
+    rules: Rules  # what the model's family reads and accepts, for the reader
     fingerprint: dict[str, Any]
 
 
-def prepare_model(spec: JobSpec) -> tuple[dict[str, Any], ModelFacts]:
-    """Resolve the model source on the driver: build the demo model if asked, check the directory, hash it."""
+def prepare_model(spec: JobSpec) -> tuple[dict[str, Any], ModelFacts, Rules]:
+    """Resolve the model on the driver without loading weights: build the demo model if asked, check and hash
+    it, read its family and its own scheduler from the config files, check the sampling defaults against them."""
     m = spec.model
-    source = m.source
-    local = Path(source).expanduser()
-    if m.make_tiny_if_missing and not local.exists():
-        from batchgen.tiny import make_tiny_model
+    if m.make_tiny_if_missing and not Path(m.source).expanduser().exists():
+        from batchgen.models.tiny import make_tiny_model
 
-        logger.info("building tiny %s model at %s", m.make_tiny_if_missing, local)
-        make_tiny_model(local, m.make_tiny_if_missing)
-    if source.startswith("s3://"):
-        from batchgen.staging import remote_model_sha256
-
-        digest = remote_model_sha256(source)
-    elif local.exists() or source.startswith((".", "/", "~")):
-        check_model_dir(local, m.allow_pickle)
-        source = str(local.resolve())
-        digest = weights_sha256(local)
-    else:
-        digest = ""  # a hub id: the revision identifies it; the actors hash their download
-    options = {"source": source, "revision": m.revision, "dtype": m.dtype, "device": m.device,
+        logger.info("building tiny %s model at %s", m.make_tiny_if_missing, m.source)
+        make_tiny_model(Path(m.source).expanduser(), m.make_tiny_if_missing)
+    where = model_source(m.source, m.revision, absolute=True)
+    digest = where.sha256(m.allow_pickle)
+    index = where.read_json("model_index.json")
+    try:
+        family = family_for(index.get("_class_name", ""))
+    except ValueError as e:
+        raise JobConfigError(f"`model.source` {m.source!r}: {e}") from None
+    vae = where.read_json("vae/config.json")
+    rules = family.rules(2 ** (len(vae["block_out_channels"]) - 1),
+                         model_scheduler=model_scheduler_name(where.read_json("scheduler/scheduler_config.json")))
+    if spec.sampling.scheduler not in rules.schedulers:
+        raise JobConfigError(f"`sampling.scheduler` must be one of {list(rules.schedulers)} for a {family.name} "
+                             f"model but is {spec.sampling.scheduler!r}")
+    options = {"source": where.source, "revision": m.revision, "dtype": m.dtype, "device": m.device,
                "allow_pickle": m.allow_pickle, "vae_batch_size": m.vae_batch_size,
                "channels_last": m.channels_last, "compile_denoiser": m.compile_denoiser}
-    if source.startswith("s3://"):
+    if where.kind == "s3":
         options["expected_sha256"] = digest  # actors refuse a model replaced after the driver hashed it
-    return options, ModelFacts(source, m.revision, digest, m.dtype)
+    return options, ModelFacts(where.source, m.revision, digest, m.dtype), rules
 
 
 def plan_job(spec: JobSpec) -> JobPlan:
     """Everything that can be checked before Ray starts: input files and columns, the model, the output."""
-    input_plan = plan_input(spec.input)
-    model_options, facts = prepare_model(spec)
+    model_options, facts, rules = prepare_model(spec)
+    input_plan = plan_input(spec.input, rules)
     open_storage(spec.output.uri)  # an unsupported output scheme fails here, before any work
-    return JobPlan(spec, input_plan, model_options, facts, fingerprint(spec, facts))
+    # The fingerprint names the scheduler that runs: `model` and the name it stands for make the same images.
+    ran = spec
+    if spec.sampling.scheduler == MODEL_SCHEDULER:
+        sampling = spec.sampling.model_copy(update={"scheduler": rules.model_scheduler})
+        ran = spec.model_copy(update={"sampling": sampling})
+    return JobPlan(spec, input_plan, model_options, facts, rules, fingerprint(ran, facts))
 
 
 def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: DoneKeys, run_id: str):
@@ -127,7 +138,7 @@ def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: D
     tasks = [asdict(t) for t in plan.input.tasks]
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(read_prompt_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                        fn_kwargs={"plan": plan.input, "sampling": spec.sampling,
+                        fn_kwargs={"plan": plan.input, "sampling": spec.sampling, "rules": plan.rules,
                                    "rows_per_read": spec.input.rows_per_read, "done_ref": done_ref, "nice": nice},
                         compute=ray.data.TaskPoolStrategy(size=min(spec.compute.read_tasks, max(1, len(tasks)))))
     # Small tables arrive as one block: split so every actor gets work; a call carries batches_per_call batches.
@@ -151,14 +162,14 @@ def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: D
     )
 
 
-def read_prompt_rows(batch: pa.Table, plan: InputPlan, sampling: SamplingSpec, rows_per_read: int, done_ref: Any,
-                     nice: int):
+def read_prompt_rows(batch: pa.Table, plan: InputPlan, sampling: SamplingSpec, rules: Rules, rows_per_read: int,
+                     done_ref: Any, nice: int):
     """The read stage: a batch of ReadTasks (one Parquet row group each) to work rows. The operator is named
     after this function: batchgen.readahead finds the reader by it."""
     import ray
 
     below_generators(nice)
-    reader = RowReader(plan, sampling, rows_per_read, ray.get(done_ref))
+    reader = RowReader(plan, sampling, rows_per_read, ray.get(done_ref), rules)
     for task in batch.to_pylist():
         yield from reader.read(ReadTask(**task))
 

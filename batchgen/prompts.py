@@ -18,33 +18,30 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batchgen.errors import BatchgenError, JobConfigError, RowError
-from batchgen.requests import MAX_SEED, GenerationRequest, validate_request
-from batchgen.spec import ROW_FIELDS, InputSpec, SamplingSpec
+from batchgen.rows import (
+    COLUMN_TARGETS,
+    FIELD,
+    GROUP_FIELDS,
+    INPUT_FIELDS,
+    MAX_IMAGES_PER_ROW,
+    MAX_SEED,
+    Rules,
+    arrow_fields,
+    resolve_fields,
+    to_int,
+)
+from batchgen.spec import InputSpec, SamplingSpec
 
 logger = logging.getLogger(__name__)
 
-MAX_IMAGES_PER_ROW = 10_000
+# Every row field's rules, for a reader given no model (tests; `batchgen validate` passes the model's).
+ANY_MODEL = Rules(frozenset(FIELD))
 
-# What flows from the reader to the generator. `status` is pending (to generate), error (invalid row)
-# or tally (no image: one row per read batch carrying in `skipped` how many samples resume skipped).
+# What flows from the reader to the generator: the row fields, plus `status`: pending (to generate), error
+# (invalid row) or tally (no image: one row per read batch carrying in `skipped` how many samples resume skipped).
 WORK_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("sample_index", pa.int64()),
-        ("prompt", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("guidance_scale", pa.float64()),
-        ("steps", pa.int64()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("scheduler", pa.string()),
-        ("eta", pa.float64()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("extra", pa.string()),
-        ("skipped", pa.int64()),
-    ]
+    [("id", pa.string()), ("sample_index", pa.int64()), *arrow_fields(),
+     ("status", pa.string()), ("error", pa.string()), ("extra", pa.string()), ("skipped", pa.int64())]
 )
 
 
@@ -109,10 +106,16 @@ class InputPlan:
     extra_columns: list[str]
 
 
-def plan_input(spec: InputSpec) -> InputPlan:
-    """Check every file's footer (no row data) and map columns; job-level problems raise JobConfigError."""
+def plan_input(spec: InputSpec, rules: Rules = ANY_MODEL) -> InputPlan:
+    """Check every file's footer (no row data) and map columns; job-level problems raise JobConfigError. Columns
+    named after a field the model's family does not use are carried like any other column."""
     fs, root, files = list_input_files(spec.prompts)
     field_of = {source: target for source, target in spec.columns.items()}
+    usable = {name for name in COLUMN_TARGETS if name in INPUT_FIELDS or name in rules.fields}
+    unused = sorted({target for target in field_of.values() if target not in usable})
+    if unused:
+        raise JobConfigError(f"`input.columns` maps to {unused}, which a {rules.family} model does not use; "
+                             f"its fields: {sorted(usable)}")
     tasks: list[ReadTask] = []
     rows = 0
     types: dict[str, tuple[pa.DataType, str]] = {}
@@ -129,7 +132,7 @@ def plan_input(spec: InputSpec) -> InputPlan:
         if "prompt" not in names:
             wanted = next((s for s, t in field_of.items() if t == "prompt"), "prompt")
             raise JobConfigError(f"input file {path!r} has no column {wanted!r} (columns: {schema.names})")
-        for name in set(names) & set(ROW_FIELDS):
+        for name in set(names) & usable:
             sources = [column for column, mapped_to in zip(schema.names, names, strict=True) if mapped_to == name]
             if len(sources) > 1:
                 raise JobConfigError(f"input file {path!r}: columns {sources} all map to field {name!r}; only one may")
@@ -139,7 +142,7 @@ def plan_input(spec: InputSpec) -> InputPlan:
                     f"column {field.name!r} is {field.type} in {path!r} but {types[name][0]} in {types[name][1]!r}"
                 )
             types.setdefault(name, (field.type, path))
-            if name in ROW_FIELDS:
+            if name in usable:
                 if mapped.setdefault(name, field.name) != field.name:
                     raise JobConfigError(f"field {name!r} is column {field.name!r} in {path!r} but column "
                                          f"{mapped[name]!r} in {types[name][1]!r}")
@@ -222,30 +225,6 @@ def derive_seed(job_seed: int, row_id: str, sample_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & MAX_SEED
 
 
-def _integer(field: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise RowError(field, value, "must be an integer")
-    if isinstance(value, float):
-        if not math.isfinite(value) or value != int(value):
-            raise RowError(field, value, "must be an integer")
-        return int(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    raise RowError(field, value, "must be an integer")
-
-
-def _number(field: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise RowError(field, value, "must be a number")
-    return float(value)
-
-
-def _text(field: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise RowError(field, value, "must be a string")
-    return value
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
@@ -257,11 +236,13 @@ def _jsonable(value: Any) -> Any:
 class RowReader:
     """Turns one ReadTask into work rows: mapped columns, defaults, ids, seeds, samples, validation."""
 
-    def __init__(self, plan: InputPlan, sampling: SamplingSpec, rows_per_read: int, done: DoneKeys):
+    def __init__(self, plan: InputPlan, sampling: SamplingSpec, rows_per_read: int, done: DoneKeys,
+                 rules: Rules = ANY_MODEL):
         self.plan = plan
         self.sampling = sampling
         self.rows_per_read = rows_per_read
         self.done = done
+        self.rules = rules
 
     def read(self, task: ReadTask):
         """Yields WORK_SCHEMA tables, one per `rows_per_read` input rows. Rows whose (id, sample) is done are
@@ -300,7 +281,7 @@ class RowReader:
         base: dict[str, Any] = {"id": row_id, "extra": extra, "skipped": 0}
         try:
             count = self.sampling.num_images if values.get("num_images") is None else (
-                _integer("num_images", values["num_images"])
+                to_int("num_images", values["num_images"])
             )
             if not 1 <= count <= MAX_IMAGES_PER_ROW:
                 raise RowError("num_images", count, f"must be in [1, {MAX_IMAGES_PER_ROW}]")
@@ -320,41 +301,20 @@ class RowReader:
         return rows
 
     def _fields(self, values: dict[str, Any]) -> dict[str, Any]:
-        s = self.sampling
-
-        def pick(field: str, convert, default):
-            value = values.get(field)
-            return default if value is None else convert(field, value)
-
-        prompt = values.get("prompt")
-        if not isinstance(prompt, str):
-            raise RowError("prompt", prompt, "must be a non-empty string")
-        fields = {
-            "prompt": prompt,
-            "negative_prompt": pick("negative_prompt", _text, s.negative_prompt),
-            "guidance_scale": pick("guidance_scale", _number, s.guidance_scale),
-            "steps": pick("steps", _integer, s.steps),
-            "width": pick("width", _integer, s.width),
-            "height": pick("height", _integer, s.height),
-            "scheduler": pick("scheduler", _text, s.scheduler),
-            "eta": pick("eta", _number, s.eta),
-        }
         if values.get("seed") is not None:
-            seed = _integer("seed", values["seed"])
+            seed = to_int("seed", values["seed"])
             if seed < 0:
                 raise RowError("seed", seed, f"must be an integer in [0, {MAX_SEED}]")
-        validate_request(GenerationRequest(seed=0, **fields))
-        return fields
+        return resolve_fields(values, self.sampling, self.rules)
 
 
 def _safe_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None if value is None else repr(value)[:200]
 
 
-def describe_groups(plan: InputPlan, sampling: SamplingSpec) -> tuple[int, dict[tuple, int]]:
-    """(images, images per (steps, width, height, scheduler, eta) group): reads only those columns."""
+def describe_groups(plan: InputPlan, sampling: SamplingSpec, rules: Rules = ANY_MODEL) -> tuple[int, dict[tuple, int]]:
+    """(images, images per sub-batch group (the row fields in GROUP_FIELDS)): reads only those columns."""
     fs, _ = filesystem_for(plan.uri)
-    group_fields = ("steps", "width", "height", "scheduler", "eta")
     images = 0
     groups: dict[tuple, int] = {}
     for path in plan.files:
@@ -362,7 +322,7 @@ def describe_groups(plan: InputPlan, sampling: SamplingSpec) -> tuple[int, dict[
             parquet = pq.ParquetFile(f)
             present = set(parquet.schema_arrow.names)
             wanted = {field: column for field, column in plan.columns.items()
-                      if field in (*group_fields, "num_images") and column in present}
+                      if field in (*GROUP_FIELDS, "num_images") and column in present}
             table = parquet.read(columns=list(wanted.values()))
         values = {field: table.column(column).to_pylist() for field, column in wanted.items()}
         for i in range(table.num_rows):
@@ -370,10 +330,12 @@ def describe_groups(plan: InputPlan, sampling: SamplingSpec) -> tuple[int, dict[
             count = sampling.num_images if count is None else count
             if not isinstance(count, int):
                 continue  # an error row: no images
-            key = tuple(
-                values[g][i] if g in values and values[g][i] is not None else getattr(sampling, g)
-                for g in group_fields
-            )
+            row = {g: values[g][i] for g in GROUP_FIELDS if g in values}
+            try:
+                resolved = resolve_fields({"prompt": "-", **row}, sampling, rules)
+            except RowError:
+                continue  # an error row: no images
+            key = tuple(resolved[g] for g in GROUP_FIELDS)
             images += count
             groups[key] = groups.get(key, 0) + count
     return images, groups

@@ -10,23 +10,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from batchgen.errors import JobConfigError
-from batchgen.schedulers import SCHEDULERS
+from batchgen.models.schedulers import MODEL_SCHEDULER, SCHEDULERS
+from batchgen.rows import COLUMN_TARGETS, FIELD
 
 DEMO_PROMPTS = str(Path(__file__).resolve().parent / "data" / "demo_prompts.parquet")
-
-ROW_FIELDS = (
-    "id",
-    "prompt",
-    "negative_prompt",
-    "seed",
-    "guidance_scale",
-    "steps",
-    "width",
-    "height",
-    "scheduler",
-    "eta",
-    "num_images",
-)
 
 
 class Section(BaseModel):
@@ -41,7 +28,7 @@ class InputSpec(Section):
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
-        description="Input column -> batchgen field, e.g. {caption: prompt}. Fields: " + ", ".join(ROW_FIELDS),
+        description="Input column -> batchgen field, e.g. {caption: prompt}. Fields: " + ", ".join(COLUMN_TARGETS),
     )
     rows_per_read: int = Field(
         1024, ge=1, description="Rows read per Parquet batch; bounds the reader's memory per task."
@@ -51,8 +38,8 @@ class InputSpec(Section):
     @classmethod
     def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
         for source, target in columns.items():
-            if target not in ROW_FIELDS:
-                raise ValueError(f"column {source!r} maps to unknown field {target!r}; fields: {list(ROW_FIELDS)}")
+            if target not in COLUMN_TARGETS:
+                raise ValueError(f"column {source!r} maps to unknown field {target!r}; fields: {list(COLUMN_TARGETS)}")
         return columns
 
 
@@ -85,21 +72,26 @@ class ModelSpec(Section):
 class SamplingSpec(Section):
     """Defaults for rows whose table has no column for the field."""
 
-    steps: int = Field(25, ge=1, le=1000, description="Denoising steps.")
-    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance; <= 1 disables it.")
-    scheduler: str = Field("ddim", description="One of: " + ", ".join(sorted(SCHEDULERS)))
-    width: int = Field(512, ge=8, le=4096, description="Image width in pixels, a multiple of 8.")
-    height: int = Field(512, ge=8, le=4096, description="Image height in pixels, a multiple of 8.")
-    negative_prompt: str = Field("", description="Negative prompt for rows without one.")
-    eta: float = Field(0.0, ge=0, description="DDIM eta (noise in DDIM steps); ignored by other schedulers.")
+    steps: int = Field(FIELD["steps"].default, ge=1, le=1000, description="Denoising steps.")
+    guidance_scale: float = Field(FIELD["guidance_scale"].default, ge=0,
+                                  description="Classifier-free guidance; <= 1 disables it.")
+    scheduler: str = Field(
+        FIELD["scheduler"].default, description=f"{MODEL_SCHEDULER} (the checkpoint's own configured scheduler) or "
+        "one of: " + ", ".join(sorted(SCHEDULERS)) + "; the model's family may accept fewer (checked at plan time).")
+    width: int = Field(FIELD["width"].default, ge=8, le=4096, description="Image width in pixels, a multiple of 8.")
+    height: int = Field(FIELD["height"].default, ge=8, le=4096,
+                        description="Image height in pixels, a multiple of 8.")
+    negative_prompt: str = Field(FIELD["negative_prompt"].default, description="Negative prompt for rows without one.")
+    eta: float = Field(FIELD["eta"].default, ge=0,
+                       description="DDIM eta (noise in DDIM steps); ignored by other schedulers.")
     seed: int = Field(0, ge=0, description="Job seed: rows without a seed get one derived from (seed, id, sample).")
     num_images: int = Field(1, ge=1, le=10_000, description="Images per row for rows without num_images.")
 
     @field_validator("scheduler")
     @classmethod
     def _known_scheduler(cls, name: str) -> str:
-        if name not in SCHEDULERS:
-            raise ValueError(f"must be one of {sorted(SCHEDULERS)}")
+        if name != MODEL_SCHEDULER and name not in SCHEDULERS:
+            raise ValueError(f"must be one of {[MODEL_SCHEDULER, *sorted(SCHEDULERS)]}")
         return name
 
     @field_validator("width", "height")

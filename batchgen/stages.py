@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,6 +15,7 @@ import pyarrow as pa
 
 from batchgen.encode import CONTENT_TYPES, EXTENSIONS, encode_image
 from batchgen.manifest import write_manifest
+from batchgen.models.source import ModelFacts
 from batchgen.prompts import WORK_SCHEMA
 from batchgen.storage import Storage, object_key
 
@@ -31,16 +31,6 @@ SUMMARY_SCHEMA = pa.schema(
     [("manifest", pa.string()), ("ok", pa.int64()), ("errors", pa.int64()), ("skipped", pa.int64()),
      ("first_stored_at", pa.float64())]
 )
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What every manifest row records about the model."""
-
-    source: str
-    revision: str | None
-    sha256: str
-    dtype: str
 
 
 def below_generators(niceness: int) -> None:
@@ -74,7 +64,7 @@ class GeneratorActor:
         import torch
 
         from batchgen.engine import Engine
-        from batchgen.loading import load_model
+        from batchgen.models.loading import load_model
 
         # Ray sets OMP_NUM_THREADS=1 in workers; match torch to the CPU share this actor was given.
         torch.set_num_threads(torch_threads)
@@ -84,18 +74,12 @@ class GeneratorActor:
         self.dtype = str(self.model.dtype).removeprefix("torch.")  # what `auto` resolved to on this worker
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from batchgen.engine import GenerationRequest
+        from batchgen.rows import request_from
 
         rows = batch.to_pylist()
         pending = [r for r in rows if r["status"] == "pending"]
-        requests = [
-            GenerationRequest(
-                prompt=r["prompt"], seed=r["seed"], negative_prompt=r["negative_prompt"],
-                guidance_scale=r["guidance_scale"], steps=r["steps"], width=r["width"], height=r["height"],
-                scheduler=r["scheduler"], eta=r["eta"],
-            )
-            for r in pending
-        ]
+        # Fields the reader left null are those the model's family does not use: the request's defaults stand.
+        requests = [request_from({k: v for k, v in r.items() if v is not None}) for r in pending]
         for row, result in zip(pending, self.engine.generate(requests), strict=True):
             row.update(truncated=result.truncated, generate_ms=result.generate_ms, batch_size=result.batch_size,
                        worker=self.worker, dtype=self.dtype)
@@ -129,9 +113,8 @@ class StoreStage:
         rows = [r for r in rows if r["status"] != "tally"]
         uploads = []
         for row in rows:
-            row.update(model=self.model.source, model_revision=self.model.revision, model_sha256=self.model.sha256,
-                       dtype=row.get("dtype") or self.model.dtype, format=self.fmt, versions=self.versions,
-                       run_id=self.run_id)
+            row.update(self.model.manifest_record(), dtype=row.get("dtype") or self.model.dtype, format=self.fmt,
+                       versions=self.versions, run_id=self.run_id)
             if row["status"] != "ok":
                 continue
             start = time.perf_counter()

@@ -42,7 +42,7 @@ def read_prompt_list(path: str) -> list[str]:
 
 def check_axes(guidance_scales: list[float], schedulers: list[str], seeds: list[int]) -> None:
     from batchgen.engine import MAX_SEED
-    from batchgen.schedulers import SCHEDULERS
+    from batchgen.models.schedulers import SCHEDULERS
 
     for name, values in (("guidance_scales", guidance_scales), ("schedulers", schedulers), ("seeds", seeds)):
         if not values:

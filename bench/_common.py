@@ -116,7 +116,7 @@ def write_prompts(path: Path, n: int) -> Path:
 
 def bench_model(size: str = "bench", family: str = "sd15") -> Path:
     """The random-weight model the benchmarks share, built once under bench/out/models/."""
-    from batchgen.tiny import make_tiny_model
+    from batchgen.models.tiny import make_tiny_model
 
     path = OUT / "models" / f"{size}-{family}"
     if not (path / "model_index.json").is_file():

@@ -159,7 +159,7 @@ def main() -> None:
     model_cores = cores.on_model_cores if cores else contextlib.nullcontext
 
     from batchgen.engine import Engine
-    from batchgen.loading import load_model
+    from batchgen.models.loading import load_model
 
     work = OUT / ("efficiency-isolated" if args.isolate else "efficiency")
     model_dir = bench_model(args.size)

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from batchgen.engine import Engine, GenerationRequest
-from batchgen.loading import load_model
-from batchgen.tiny import make_tiny_model
+from batchgen.models.loading import load_model
+from batchgen.models.tiny import make_tiny_model
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import shutil
 
 from _common import OUT, job, load1, machine, run_batchgen, save, table, wait_quiet, write_prompts, write_spec
 
-from batchgen.tiny import make_tiny_model
+from batchgen.models.tiny import make_tiny_model
 
 ROLES = ("driver", "generator actor", "ray task workers", "raylet", "gcs_server")
 

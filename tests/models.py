@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchgen.tiny import make_tiny_model
+from batchgen.models.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -19,13 +19,13 @@ def tiny_v_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    from batchgen.loading import load_model
+    from batchgen.models.loading import load_model
 
     return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def tiny_v_model(tiny_v_model_dir):
-    from batchgen.loading import load_model
+    from batchgen.models.loading import load_model
 
     return load_model(str(tiny_v_model_dir), device="cpu", dtype="float32")

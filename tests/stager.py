@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from batchgen.staging import stage_model
+from batchgen.models.staging import stage_model
 
 
 def tree_sha256(root: Path) -> str:

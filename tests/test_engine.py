@@ -10,7 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from batchgen.engine import Engine, GenerationRequest
-from batchgen.schedulers import make_scheduler
+from batchgen.models.schedulers import make_scheduler
 
 SIZE = 64
 STEPS = 4
@@ -122,43 +122,39 @@ def test_per_row_guidance_equals_separate_runs(tiny_model, tiny_model_dir):
     assert np.abs(batched[2].image - batched[3].image).max() > 1e-3
 
 
-class CountingAdapter:
-    """Wraps an adapter to record the batch size of every denoiser call."""
+class CountingDenoiser:
+    """Wraps the family's denoiser to record the batch size of every call."""
 
-    def __init__(self, adapter):
-        self.inner = adapter
+    def __init__(self, denoiser):
+        self.inner = denoiser
         self.calls: list[int] = []
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def predict(self, latents, t, cond, width, height):
+    def __call__(self, latents, *args, **kwargs):
         self.calls.append(latents.shape[0])
-        return self.inner.predict(latents, t, cond, width, height)
+        return self.inner(latents, *args, **kwargs)
 
 
-def counting_engine(model) -> tuple[Engine, CountingAdapter]:
-    engine = Engine(model)
-    counter = CountingAdapter(model.adapter)
-    engine.adapter = counter
-    return engine, counter
+def counting_engine(model, monkeypatch) -> tuple[Engine, CountingDenoiser]:
+    counter = CountingDenoiser(model.adapter.denoiser)
+    monkeypatch.setattr(model.adapter, "denoiser", counter)
+    return Engine(model), counter
 
 
-def test_cfg_is_one_call_of_twice_the_batch(tiny_model):
-    engine, counter = counting_engine(tiny_model)
+def test_cfg_is_one_call_of_twice_the_batch(tiny_model, monkeypatch):
+    engine, counter = counting_engine(tiny_model, monkeypatch)
     engine.generate([request(seed=s, guidance_scale=g) for s, g in [(1, 7.5), (2, 1.0), (3, 0.5)]])
     assert counter.calls == [6] * STEPS
 
 
-def test_guidance_at_most_one_skips_unconditional_pass(tiny_model, tiny_model_dir):
-    engine, counter = counting_engine(tiny_model)
+def test_guidance_at_most_one_skips_unconditional_pass(tiny_model, tiny_model_dir, monkeypatch):
+    engine, counter = counting_engine(tiny_model, monkeypatch)
     rows = [request(seed=s, guidance_scale=g) for s, g in [(1, 1.0), (2, 0.0), (3, 0.7)]]
     results = engine.generate(rows, output="float")
     assert counter.calls == [3] * STEPS
     assert np.abs(results[0].image - reference(tiny_model_dir, rows[0])).max() <= 1e-4
 
 
-def test_unique_prompts_encoded_once(tiny_model):
+def test_unique_prompts_encoded_once(tiny_model, monkeypatch):
     engine = Engine(tiny_model)
     engine.empty_conditioning()
     seen: list[list[str]] = []
@@ -168,8 +164,7 @@ def test_unique_prompts_encoded_once(tiny_model):
         seen.append(list(prompts))
         return original(prompts)
 
-    engine.adapter = CountingAdapter(tiny_model.adapter)
-    engine.adapter.encode_text = spy
+    monkeypatch.setattr(tiny_model.adapter, "encode_text", spy)
     engine.generate([request(seed=s, prompt=["cat", "dog"][s % 2], negative_prompt="") for s in range(6)])
     assert seen == [["cat", "dog"]]
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from batchgen.engine import Engine, GenerationRequest
-from batchgen.loading import load_model
+from batchgen.models.loading import load_model
 from batchgen.pipeline import prepare_model
 from batchgen.spec import load_spec
 from batchgen.stages import GeneratorActor
@@ -55,7 +55,7 @@ def test_float16_keeps_a_force_upcast_vae_in_float32_and_decodes_in_it(tiny_mode
 
 def test_bfloat16_needs_no_vae_upcast(tiny_model_dir):
     model = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
-    assert model.pipe.unet.dtype == model.pipe.vae.dtype == model.adapter.vae_dtype == torch.bfloat16
+    assert model.pipe.unet.dtype == model.pipe.vae.dtype == model.adapter.vae.dtype == torch.bfloat16
     assert Engine(model).generate([request(1)])[0].ok
 
 
@@ -119,7 +119,7 @@ def test_spec_knobs_reach_the_generator_actor(tiny_model_dir):
     spec = load_spec(None, {"model.source": str(tiny_model_dir), "model.device": "cpu", "model.dtype": "float32",
                             "model.channels_last": True, "model.vae_batch_size": 3})
     assert spec.model.compile_denoiser is False
-    options, _ = prepare_model(spec)
+    options, *_ = prepare_model(spec)
     threads = torch.get_num_threads()
     try:
         actor = GeneratorActor(options, batch_size=4, torch_threads=1)
@@ -161,31 +161,34 @@ def test_results_are_collected_after_the_next_chunk_is_launched(tiny_model, monk
 
 
 class OutOfMemoryAbove:
-    """Wraps an adapter: the denoiser raises torch.OutOfMemoryError on batches larger than `limit` rows
+    """Wraps a family's denoiser: it raises torch.OutOfMemoryError on batches larger than `limit` rows
     (CFG rows count twice), as CUDA does when a batch does not fit."""
 
-    def __init__(self, adapter, limit: int):
-        self.inner = adapter
+    def __init__(self, denoiser, limit: int):
+        self.inner = denoiser
         self.limit = limit
         self.calls: list[int] = []
         self.failures = 0
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def predict(self, latents, t, cond, width, height):
+    def __call__(self, latents, *args, **kwargs):
         self.calls.append(latents.shape[0])
         if latents.shape[0] > self.limit:
             self.failures += 1
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        return self.inner.predict(latents, t, cond, width, height)
+        return self.inner(latents, *args, **kwargs)
 
 
-def test_out_of_memory_halves_the_batch_same_pixels_then_grows_back(tiny_model):
+def out_of_memory_above(model, limit: int, monkeypatch) -> OutOfMemoryAbove:
+    flaky = OutOfMemoryAbove(model.adapter.denoiser, limit)
+    monkeypatch.setattr(model.adapter, "denoiser", flaky)
+    return flaky
+
+
+def test_out_of_memory_halves_the_batch_same_pixels_then_grows_back(tiny_model, monkeypatch):
     rows = [request(s) for s in range(16)]
     unsplit = Engine(tiny_model, max_batch_size=8).generate(rows)
     engine = Engine(tiny_model, max_batch_size=8, grow_after=2)
-    engine.adapter = flaky = OutOfMemoryAbove(tiny_model.adapter, limit=8)  # 4 rows with CFG
+    flaky = out_of_memory_above(tiny_model, 8, monkeypatch)  # 4 rows with CFG
     results = engine.generate(rows)
     assert_same_images(results, unsplit, tolerance=1)  # uint8; float noise across batch sizes can flip a level
     assert all(r.batch_size <= 4 for r in results) and flaky.failures >= 2
@@ -198,9 +201,9 @@ def test_out_of_memory_halves_the_batch_same_pixels_then_grows_back(tiny_model):
     assert [r.batch_size for r in again][-8:] == [8] * 8
 
 
-def test_out_of_memory_on_a_lone_row_becomes_an_error_row(tiny_model):
+def test_out_of_memory_on_a_lone_row_becomes_an_error_row(tiny_model, monkeypatch):
     engine = Engine(tiny_model, max_batch_size=2)
-    engine.adapter = OutOfMemoryAbove(tiny_model.adapter, limit=0)
+    out_of_memory_above(tiny_model, 0, monkeypatch)
     results = engine.generate([request(1), request(2)])
     assert engine.batch_limit == 1
     for result in results:

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchgen.engine import Engine
-from batchgen.loading import load_model
 from batchgen.manifest import inspect_output, read_manifests, read_success, request_from_row
+from batchgen.models.loading import load_model
 from batchgen.pipeline import run_job
 from batchgen.storage import open_storage
 from tests.jobs import decode, job_spec, prompts_table, run_cli, write_table

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.timeout(60)
 def test_driver_and_worker_modules_import_without_torch():
     code = (
         "import sys; import batchgen.cli, batchgen.pipeline, batchgen.stages, batchgen.prompts, batchgen.manifest, "
-        "batchgen.spec, batchgen.requests, batchgen.loading; "
+        "batchgen.spec, batchgen.rows, batchgen.models.loading, batchgen.models.families, batchgen.models.source, "
+        "batchgen.models.staging; "
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -24,11 +25,11 @@ def test_driver_and_worker_modules_import_without_torch():
 
 
 def test_engine_still_exports_the_request_names():
-    from batchgen import engine, requests
+    from batchgen import engine, rows
 
-    assert engine.GenerationRequest is requests.GenerationRequest
-    assert engine.validate_request is requests.validate_request
-    assert engine.MAX_SEED == requests.MAX_SEED
+    assert engine.GenerationRequest is rows.GenerationRequest
+    assert engine.validate_request is rows.validate_request
+    assert engine.MAX_SEED == rows.MAX_SEED
 
 
 def test_job_control_commands_stay_light():

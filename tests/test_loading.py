@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from batchgen.errors import ModelLoadError
-from batchgen.loading import load_model, weights_sha256
-from batchgen.tiny import make_tiny_model
+from batchgen.models.loading import load_model, weights_sha256
+from batchgen.models.tiny import make_tiny_model
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_pickle_weights_refused_by_default(model_copy):
 
 def test_pickle_weights_load_when_allowed_with_warning(model_copy, caplog, tiny_model):
     pickle_unet(model_copy)
-    with caplog.at_level(logging.WARNING, logger="batchgen.loading"):
+    with caplog.at_level(logging.WARNING, logger="batchgen.models.loading"):
         model = load_model(str(model_copy), device="cpu", allow_pickle=True)
     assert "allow_pickle" in caplog.text
     reference = tiny_model.pipe.unet.state_dict()

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from batchgen.manifest import read_manifests
+from batchgen.models.source import ModelFacts
 from batchgen.prompts import WORK_SCHEMA
-from batchgen.stages import GENERATED_SCHEMA, GeneratorActor, ModelFacts, StoreStage, image_key
+from batchgen.stages import GENERATED_SCHEMA, GeneratorActor, StoreStage, image_key
 from batchgen.storage import open_storage
 
 

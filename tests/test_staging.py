@@ -14,8 +14,8 @@ import pytest
 
 from batchgen.engine import Engine, GenerationRequest
 from batchgen.errors import ModelLoadError
-from batchgen.loading import load_model, weights_sha256
-from batchgen.staging import COMPLETE_MARKER, remote_model_sha256, stage_model
+from batchgen.models.loading import load_model, weights_sha256
+from batchgen.models.staging import COMPLETE_MARKER, remote_model_sha256, stage_model
 from batchgen.storage import S3Storage
 from tests.jobs import prompts_table, run_cli, write_table
 from tests.s3objects import upload_dir

@@ -1,4 +1,5 @@
-"""Load a diffusion pipeline from a local directory or a hub id: safetensors only, no remote code."""
+"""Load a diffusion pipeline (local directory, hub id or s3:// URI) with its family adapter: safetensors only, no
+remote code."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchgen.errors import ModelLoadError
+from batchgen.models.families import family_for
+from batchgen.models.source import model_source
 
 if TYPE_CHECKING:  # torch is imported where a model is loaded: the driver only checks and hashes directories
     import torch
 
-    from batchgen.families import FamilyAdapter
+    from batchgen.models.adapter import FamilyAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -119,37 +122,36 @@ def load_model(
     if allow_pickle:
         logger.warning("model.allow_pickle is set: pickle checkpoints can run arbitrary code when loaded")
 
-    if source.startswith("s3://"):
-        from batchgen.staging import stage_model
+    where = model_source(source, revision)
+    if where.kind == "s3":
+        from batchgen.models.staging import stage_model
 
-        source = str(stage_model(source, expected_sha256=expected_sha256))
-    local = Path(source).expanduser()
-    is_local = local.exists() or source.startswith((".", "/", "~"))
-    if is_local:
-        check_model_dir(local, allow_pickle)
+        where = model_source(str(stage_model(source, expected_sha256=expected_sha256)))
+    if where.kind == "local":
+        check_model_dir(where.path, allow_pickle)
     try:
         pipe = DiffusionPipeline.from_pretrained(
-            str(local) if is_local else source,
-            revision=None if is_local else revision,
+            str(where.path) if where.kind == "local" else source,
+            revision=where.revision,
             dtype=torch_dtype,
             use_safetensors=None if allow_pickle else True,
             safety_checker=None,
             requires_safety_checker=False,
         )
     except (OSError, ValueError) as e:
-        where = "local directory" if is_local else "hub id (no such local directory either)"
-        raise ModelLoadError(f"cannot load model {source!r} as a {where}: {e}") from e
+        kind = "local directory" if where.kind == "local" else "hub id (no such local directory either)"
+        raise ModelLoadError(f"cannot load model {source!r} as a {kind}: {e}") from e
     if getattr(pipe.vae.config, "force_upcast", False) and torch_dtype == torch.float16:
         pipe.vae.to(torch.float32)
     pipe.to(torch_device)
     pipe.set_progress_bar_config(disable=True)
-    from batchgen.families import adapter_for
-
     try:
-        adapter = adapter_for(pipe, vae_batch_size, channels_last, compile_denoiser)
+        family = family_for(type(pipe).__name__)
     except ValueError as e:
         raise ModelLoadError(f"model {source!r}: {e}") from None
-    root = local if is_local else Path(pipe.config._name_or_path)
+    adapter = family.adapter_class()(pipe, family, vae_batch_size=vae_batch_size, channels_last=channels_last,
+                                     compile_denoiser=compile_denoiser)
+    root = where.path if where.kind == "local" else Path(pipe.config._name_or_path)
     digest = weights_sha256(root) if root.is_dir() else ""
     logger.info("loaded %s (%s, %s) on %s, weights sha256 %s", source, type(pipe).__name__, torch_dtype,
                 torch_device, digest[:12])

@@ -24,15 +24,29 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
+# The checkpoint's own scheduler, exactly as its scheduler_config.json configures it.
+MODEL_SCHEDULER = "model"
+
+
+def model_scheduler_name(config: dict[str, Any]) -> str:
+    """The name that rebuilds this scheduler config unchanged (so manifests name what ran), else `model`."""
+    for name, (class_name, overrides) in SCHEDULERS.items():
+        if config.get("_class_name") == class_name and all(config.get(k) == v for k, v in overrides.items()):
+            return name
+    return MODEL_SCHEDULER
 
 
 def make_scheduler(name: str, base_config: Any):
     """A fresh scheduler (schedulers carry per-run state) of the named kind on the model's schedule."""
+    diffusers = importlib.import_module("diffusers")
+    if name == MODEL_SCHEDULER:
+        return getattr(diffusers, base_config["_class_name"]).from_config(base_config)
     try:
         class_name, overrides = SCHEDULERS[name]
     except KeyError:
-        raise ValueError(f"`scheduler` must be one of {sorted(SCHEDULERS)} but is {name!r}") from None
-    return getattr(importlib.import_module("diffusers"), class_name).from_config(base_config, **overrides)
+        allowed = [MODEL_SCHEDULER, *sorted(SCHEDULERS)]
+        raise ValueError(f"`scheduler` must be one of {allowed} but is {name!r}") from None
+    return getattr(diffusers, class_name).from_config(base_config, **overrides)
 
 
 def step_kwargs(scheduler: Any, generators: list, eta: float) -> dict[str, Any]:

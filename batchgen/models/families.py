@@ -1,0 +1,54 @@
+"""The model families batchgen runs, as data: which pipeline classes, row fields and schedulers each has.
+
+Torch-free: the driver reads a checkpoint's model_index.json and picks the family here before Ray starts,
+so every family-dependent name (a scheduler, an SDXL-only column) is checked at plan time. The family's
+sampler is its adapter module, imported only where a model is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from batchgen.models.schedulers import MODEL_SCHEDULER, SCHEDULERS
+from batchgen.rows import COMMON_FIELDS, Rules
+
+DISCRETE_SCHEDULERS = (MODEL_SCHEDULER, *sorted(SCHEDULERS))
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: its diffusers pipeline classes, the row fields it reads, the scheduler names it accepts,
+    and the adapter (`module:Class`) that samples with it."""
+
+    name: str
+    pipelines: tuple[str, ...]
+    fields: frozenset[str]
+    schedulers: tuple[str, ...]
+    adapter: str
+    refiner_fields: frozenset[str] = frozenset()  # extra row fields when a refiner follows this family's base
+    refiner_pipelines: tuple[str, ...] = ()  # model_index classes accepted as this family's refiner
+
+    def rules(self, vae_scale_factor: int = 8, refined: bool = False, model_scheduler: str = MODEL_SCHEDULER) -> Rules:
+        fields = self.fields | (self.refiner_fields if refined else frozenset())
+        return Rules(fields, self.schedulers, vae_scale_factor, self.name, model_scheduler)
+
+    def adapter_class(self) -> Any:
+        module, name = self.adapter.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("stable-diffusion", ("StableDiffusionPipeline",), COMMON_FIELDS, DISCRETE_SCHEDULERS,
+           "batchgen.models.sd:StableDiffusionAdapter"),
+)
+
+
+def family_for(pipeline_class: str) -> Family:
+    """The family whose base pipeline class this is; ValueError naming the supported ones otherwise."""
+    for family in FAMILIES:
+        if pipeline_class in family.pipelines:
+            return family
+    supported = [p for f in FAMILIES for p in f.pipelines]
+    raise ValueError(f"pipeline class {pipeline_class!r} is not supported; supported: {supported}")

@@ -1,0 +1,275 @@
+"""The row contract: every per-image field declared once; the reader, schemas, request and group key derive from it.
+
+No torch and no pyarrow at import, so the spec, the driver and light workers can use it. A field's declaration
+says its type, where its default comes from, how it is checked, whether rows with different values can share a
+denoising loop, whether manifests record it and whether an input column may map to it. Which fields a model
+uses is the family's business (batchgen.models.families): the others stay null.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any
+
+import numpy as np
+
+from batchgen.errors import RowError
+from batchgen.models.schedulers import MODEL_SCHEDULER, SCHEDULERS
+
+MAX_STEPS = 1000
+MAX_SIDE = 4096
+MAX_SEED = 2**63 - 1
+MAX_IMAGES_PER_ROW = 10_000
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What the model at hand allows: the family's fields and scheduler names, its latent grid."""
+
+    fields: frozenset[str]
+    schedulers: tuple[str, ...] = (MODEL_SCHEDULER, *sorted(SCHEDULERS))
+    vae_scale_factor: int = 8
+    family: str = "any"
+    model_scheduler: str = MODEL_SCHEDULER  # the name `model` stands for: the checkpoint's configured scheduler
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _non_empty_text(name: str, value: Any, rules: Rules) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise RowError(name, value, "must be a non-empty string")
+
+
+def _text(name: str, value: Any, rules: Rules) -> None:
+    if not isinstance(value, str):
+        raise RowError(name, value, "must be a string")
+
+
+def _optional_text(name: str, value: Any, rules: Rules) -> None:
+    if value is not None and not isinstance(value, str):
+        raise RowError(name, value, "must be a string or null")
+
+
+def _seed(name: str, value: Any, rules: Rules) -> None:
+    if not _is_int(value) or not 0 <= value <= MAX_SEED:
+        raise RowError(name, value, f"must be an integer in [0, {MAX_SEED}]")
+
+
+def _guidance(name: str, value: Any, rules: Rules) -> None:
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise RowError(name, value, "must be a finite number >= 0")
+
+
+_eta = _guidance
+
+
+def _finite(name: str, value: Any, rules: Rules) -> None:
+    if not _is_number(value) or not math.isfinite(value):
+        raise RowError(name, value, "must be a finite number")
+
+
+def _steps(name: str, value: Any, rules: Rules) -> None:
+    if not _is_int(value) or not 1 <= value <= MAX_STEPS:
+        raise RowError(name, value, f"must be an integer in [1, {MAX_STEPS}]")
+
+
+def _side(name: str, value: Any, rules: Rules) -> None:
+    multiple = max(8, rules.vae_scale_factor)
+    if not _is_int(value) or not multiple <= value <= MAX_SIDE:
+        raise RowError(name, value, f"must be an integer in [{multiple}, {MAX_SIDE}]")
+    if value % multiple:
+        raise RowError(name, value, f"must be divisible by {multiple}")
+
+
+def _scheduler(name: str, value: Any, rules: Rules) -> None:
+    if value not in rules.schedulers:
+        raise RowError(name, value, f"must be one of {list(rules.schedulers)} for a {rules.family} model")
+
+
+def _pair(name: str, value: Any, rules: Rules) -> None:
+    if value is None:
+        return
+    if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_int(v) for v in value)
+            or not all(0 <= v <= 4 * MAX_SIDE for v in value)):
+        raise RowError(name, value, f"must be two integers in [0, {4 * MAX_SIDE}]")
+
+
+@dataclass(frozen=True)
+class RowField:
+    """One per-image field. `kind` is its type (text, int, float, pair: two ints); `default` the value of a
+    request that does not set it; `sampling` the SamplingSpec attribute that holds the job's default (None:
+    the field has no job default); `derive` computes the default from the row's other fields."""
+
+    name: str
+    kind: str
+    default: Any
+    check: Callable[[str, Any, Rules], None]
+    doc: str
+    sampling: str | None = None
+    derive: Callable[[dict[str, Any]], Any] | None = None
+    group: bool = False  # rows with different values need separate denoising loops
+    manifest: bool = True  # recorded in manifest rows (provenance)
+    column: bool = True  # an input column may supply it
+
+
+def _row_size(values: dict[str, Any]) -> tuple[int, int] | None:
+    height, width = values.get("height"), values.get("width")
+    return (int(height), int(width)) if _is_int(height) and _is_int(width) else None
+
+
+# The order here is the column order of work rows and manifests. prompt and seed come first: they have no
+# default on a request.
+FIELDS: tuple[RowField, ...] = (
+    RowField("prompt", "text", None, _non_empty_text, "The text to generate from (required)."),
+    RowField("seed", "int", None, _seed, "Noise seed; default derived from (job seed, id, sample index)."),
+    RowField("negative_prompt", "text", "", _text, "Text to steer away from; empty = the model's unconditional.",
+             sampling="negative_prompt"),
+    RowField("guidance_scale", "float", 7.5, _guidance, "Classifier-free guidance; <= 1 disables it.",
+             sampling="guidance_scale"),
+    RowField("steps", "int", 25, _steps, "Denoising steps.", sampling="steps", group=True),
+    RowField("width", "int", 512, _side, "Image width in pixels.", sampling="width", group=True),
+    RowField("height", "int", 512, _side, "Image height in pixels.", sampling="height", group=True),
+    RowField("scheduler", "text", MODEL_SCHEDULER, _scheduler, "Sampler name; `model` = the checkpoint's own.",
+             sampling="scheduler", group=True),
+    RowField("eta", "float", 0.0, _eta, "DDIM eta (noise in DDIM steps).", sampling="eta", group=True),
+    RowField("prompt_2", "text", None, _optional_text, "SDXL: text for the second encoder; null = prompt."),
+    RowField("negative_prompt_2", "text", None, _optional_text,
+             "SDXL: negative text for the second encoder; null = negative_prompt."),
+    RowField("original_size", "pair", None, _pair, "SDXL: (height, width) conditioning; default the row's size.",
+             derive=_row_size),
+    RowField("crops_coords_top_left", "pair", None, _pair, "SDXL: (top, left) crop conditioning; default (0, 0).",
+             derive=lambda values: (0, 0)),
+    RowField("target_size", "pair", None, _pair, "SDXL: (height, width) conditioning; default the row's size.",
+             derive=_row_size),
+    RowField("aesthetic_score", "float", 6.0, _finite, "SDXL refiner: aesthetic score of the conditional pass."),
+    RowField("negative_aesthetic_score", "float", 2.5, _finite,
+             "SDXL refiner: aesthetic score of the unconditional pass."),
+)
+FIELD = {f.name: f for f in FIELDS}
+COMMON_FIELDS = frozenset(
+    ("prompt", "seed", "negative_prompt", "guidance_scale", "steps", "width", "height", "scheduler", "eta"))
+GROUP_FIELDS = tuple(f.name for f in FIELDS if f.group)
+MANIFEST_FIELDS = tuple(f.name for f in FIELDS if f.manifest)
+# Input-only fields: a row's identity and how many samples it asks for; they never reach the model.
+INPUT_FIELDS = ("id", "num_images")
+COLUMN_TARGETS = (*INPUT_FIELDS, *(f.name for f in FIELDS if f.column))
+
+
+def arrow_type(kind: str):
+    import pyarrow as pa
+
+    return {"text": pa.string(), "int": pa.int64(), "float": pa.float64(), "pair": pa.list_(pa.int64())}[kind]
+
+
+def arrow_fields(names: Iterable[str] = tuple(FIELD)) -> list[tuple[str, Any]]:
+    """(name, Arrow type) of the named row fields, in declaration order."""
+    wanted = set(names)
+    return [(f.name, arrow_type(f.kind)) for f in FIELDS if f.name in wanted]
+
+
+def _group_key(self) -> tuple:
+    """Rows with equal keys share one denoising loop."""
+    return tuple(getattr(self, name) for name in GROUP_FIELDS)
+
+
+def _value(self, name: str) -> Any:
+    """The field's value, or the default derived from the row's other fields where it is null."""
+    value = getattr(self, name)
+    derive = FIELD[name].derive
+    return derive(self.__dict__) if value is None and derive is not None else value
+
+
+GenerationRequest = make_dataclass(
+    "GenerationRequest",
+    [(f.name, Any) if f.default is None and f.name in ("prompt", "seed") else (f.name, Any, field(default=f.default))
+     for f in FIELDS],
+    frozen=True,
+    namespace={"group_key": _group_key, "value": _value, "__module__": __name__,
+               "__doc__": "Everything that decides one image's pixels, given the model: one attribute per row field."},
+)
+
+
+def request_from(values: dict[str, Any]) -> GenerationRequest:
+    """A request from a work or manifest row (extra keys ignored); pair fields become tuples."""
+    kwargs = {}
+    for f in FIELDS:
+        if f.name in values:
+            value = values[f.name]
+            kwargs[f.name] = tuple(value) if f.kind == "pair" and value is not None else value
+    return GenerationRequest(**kwargs)
+
+
+def request_dict(req: GenerationRequest) -> dict[str, Any]:
+    return {f.name: getattr(req, f.name) for f in fields(req)}
+
+
+def validate_request(req: GenerationRequest, rules: Rules | None = None, vae_scale_factor: int = 8) -> None:
+    """Raise RowError naming the first bad field; cheap, runs before any compute."""
+    rules = rules or Rules(frozenset(FIELD), vae_scale_factor=vae_scale_factor)
+    for f in FIELDS:
+        if f.name in rules.fields:
+            f.check(f.name, getattr(req, f.name), rules)
+
+
+# Converting input values (Parquet gives ints for float columns, floats for int columns, lists for pairs).
+def to_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise RowError(name, value, "must be an integer")
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise RowError(name, value, "must be an integer")
+        return int(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    raise RowError(name, value, "must be an integer")
+
+
+def to_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RowError(name, value, "must be a number")
+    return float(value)
+
+
+def to_pair(name: str, value: Any) -> tuple[int, int]:
+    if not isinstance(value, (list, tuple, np.ndarray)) or len(value) != 2:
+        raise RowError(name, value, "must be two integers")
+    return (to_int(name, value[0]), to_int(name, value[1]))
+
+
+# A text value is not converted: the field's check names a non-string.
+CONVERT = {"text": lambda name, value: value, "int": to_int, "float": to_float, "pair": to_pair}
+
+
+def resolve_fields(values: dict[str, Any], sampling: Any, rules: Rules) -> dict[str, Any]:
+    """An input row's values (field -> raw value, absent or None = unset) to the request fields the family
+    uses, with defaults applied and everything checked; raises RowError naming the first bad field. Fields
+    the family does not use stay out (null in work rows and manifests). `seed` is left to the reader."""
+    out: dict[str, Any] = {}
+    for f in FIELDS:
+        if f.name == "seed" or f.name not in rules.fields:
+            continue
+        value = values.get(f.name)
+        if value is not None:
+            value = CONVERT[f.kind](f.name, value)
+        elif f.sampling is not None:
+            value = getattr(sampling, f.sampling)
+        elif f.derive is None:
+            value = f.default
+        out[f.name] = value
+    if out.get("scheduler") == MODEL_SCHEDULER:
+        out["scheduler"] = rules.model_scheduler  # recorded by name, so the manifest says what ran
+    for f in FIELDS:
+        if f.derive is not None and f.name in out and out[f.name] is None:
+            out[f.name] = f.derive(out)
+    for f in FIELDS:
+        if f.name in out:
+            f.check(f.name, out[f.name], rules)
+    return out
