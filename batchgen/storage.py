@@ -33,7 +33,10 @@ _SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _MAX_PART_CHARS = 150
 _HASH_CHARS = 20
 _TEMP_NAME = re.compile(r"\..+\.tmp-[0-9a-f]{32}")
-_TRANSIENT_CODES = frozenset({"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"})
+# ConditionalRequestConflict (409): another conditional write to the key is in flight; retried, one then gets 412.
+_TRANSIENT_CODES = frozenset({"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
+                              "ConditionalRequestConflict"})
+_EXISTS_CODES = frozenset({"PreconditionFailed", "412"})
 _FIRST_BACKOFF_S = 0.25
 _MAX_BACKOFF_S = 5.0
 _CLIENT_LOCK = threading.Lock()  # boto3 client creation is rare; one lock keeps S3Storage picklable
@@ -116,6 +119,12 @@ class Storage(ABC):
         """Store `data` whole or not at all, replacing any object at `key`."""
 
     @abstractmethod
+    def put_if_absent(self, key: str, data: bytes, content_type: str | None = None) -> bool:
+        """Store `data` whole at `key` only if no object is there; True if this call created it. Of concurrent
+        callers at most one gets True. A call whose first attempt created the object but whose reply was lost
+        returns False on its retry: callers that must know who won read the object back."""
+
+    @abstractmethod
     def get(self, key: str) -> bytes:
         """Return the object's bytes; raise `NotFound` when it does not exist."""
 
@@ -173,6 +182,24 @@ class LocalStorage(Storage):
                 raise
         except OSError as exc:
             raise StorageError(f"put {self.uri_for(key)} failed: {exc}") from exc
+
+    def put_if_absent(self, key: str, data: bytes, content_type: str | None = None) -> bool:
+        # Written whole under a temp name, then hard-linked to the key: link() fails if the key exists, and
+        # the key never shows a partly written file.
+        path = self._path(key)
+        temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                temp.write_bytes(data)
+                os.link(temp, path)
+            except FileExistsError:
+                return False
+            finally:
+                temp.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"create {self.uri_for(key)} failed: {exc}") from exc
+        return True
 
     def get(self, key: str) -> bytes:
         try:
@@ -278,6 +305,20 @@ class S3Storage(Storage):
         name = self._object_key(key)
         extra = {"ContentType": content_type} if content_type else {}
         self._call("put", key, lambda s3: s3.put_object(Bucket=self.bucket, Key=name, Body=data, **extra))
+
+    def put_if_absent(self, key: str, data: bytes, content_type: str | None = None) -> bool:
+        """A conditional PUT (`If-None-Match: *`): S3 answers 412 PreconditionFailed when the key exists."""
+        name = self._object_key(key)
+        extra = {"ContentType": content_type} if content_type else {}
+        try:
+            self._call("create", key, lambda s3: s3.put_object(Bucket=self.bucket, Key=name, Body=data,
+                                                              IfNoneMatch="*", **extra))
+        except StorageError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in _EXISTS_CODES:
+                return False
+            raise
+        return True
 
     def get(self, key: str) -> bytes:
         name = self._object_key(key)

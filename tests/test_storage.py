@@ -55,6 +55,31 @@ def test_roundtrip_put_get_size_exists_delete(storage: Storage) -> None:
         storage.get("a/b.png")
 
 
+def test_put_if_absent_creates_once_and_of_racing_creators_exactly_one_wins(storage: Storage) -> None:
+    """On S3 this is a real `If-None-Match: *` PUT to moto, whose second create answers 412 PreconditionFailed."""
+    assert storage.put_if_absent("lock/1.json", b"first", "application/json") is True
+    assert storage.put_if_absent("lock/1.json", b"second") is False
+    assert storage.get("lock/1.json") == b"first"
+    storage.put("lock/1.json", b"overwritten")  # a plain put still replaces it
+    assert storage.get("lock/1.json") == b"overwritten"
+
+    winners: list[int] = []
+    start = threading.Barrier(8)
+
+    def create(n: int) -> None:
+        start.wait()
+        if storage.put_if_absent("lock/2.json", str(n).encode()):
+            winners.append(n)
+
+    threads = [threading.Thread(target=create, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(winners) == 1 and storage.get("lock/2.json") == str(winners[0]).encode()
+    assert list(storage.list("lock/")) == ["lock/1.json", "lock/2.json"], "a losing create left a file"
+
+
 def test_list_is_recursive_sorted_and_prefix_filtered(storage: Storage) -> None:
     for key in ["c", "b/2", "a/10", "ab", "a/1", "a/deep/er/x"]:
         storage.put(key, key.encode())
