@@ -33,6 +33,7 @@ RUN_FLAGS: dict[str, str] = {
     "min_actors": "compute.min_actors",
     "max_actors": "compute.max_actors",
     "retry_errors": "output.retry_errors",
+    "override_fingerprint": "output.override_fingerprint",
 }
 
 
@@ -70,6 +71,8 @@ def job_options(command):
         click.option("--max-actors", type=int),
         click.option("--retry-errors/--no-retry-errors", default=None,
                      help="On resume, regenerate rows whose last attempt failed (default: yes)."),
+        click.option("--override-fingerprint", is_flag=True, default=None,
+                     help="Continue into an output made with different settings (recorded in its _batchgen/)."),
         click.option("-v", "--verbose", is_flag=True),
     ]
     for option in reversed(options):
@@ -105,6 +108,11 @@ def run(spec, verbose, **flags):
 
         job = load_job(spec, flags)
         summary = run_job(job)
+    except KeyboardInterrupt:
+        # Committed images stay; the lease was released on the way out, so the same command resumes at once.
+        click.echo("\nbatchgen: interrupted; run the same command again to resume (committed images are kept)",
+                   err=True)
+        sys.exit(130)
     except Exception as e:  # noqa: BLE001 - every failure ends in a message and an exit code
         logger.debug("failure", exc_info=True)
         fail(e)
@@ -164,6 +172,12 @@ def inspect(output, no_hashes):
         fail(e)
     click.echo(json.dumps(report.success, indent=2) if report.success else "no _SUCCESS")
     click.echo(f"manifests: {report.parts} parts, {report.rows} rows, {report.ok} ok, {report.errors} errors")
+    if report.superseded:
+        click.echo(f"superseded: {report.superseded} ok rows of runs whose lease was taken over (images intact; "
+                   "the newer run's row counts)")
+    if report.leftovers:
+        click.echo(f"leftovers: {len(report.leftovers)} uncommitted images of interrupted runs (listed by no "
+                   f"manifest, safe to delete), e.g. {report.leftovers[0]}")
     for problem in report.problems[:50]:
         click.echo(f"PROBLEM: {problem}")
     if len(report.problems) > 50:

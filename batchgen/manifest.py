@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,20 +36,32 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
-def manifest_key(rows: list[dict[str, Any]]) -> str:
-    """Named by the (id, sample) pairs it lists, so a retried batch overwrites its own part."""
+_PART_NAME = re.compile(r"part-(\d{10})-[0-9a-f]{32}\.parquet")
+
+
+def manifest_key(rows: list[dict[str, Any]], epoch: int) -> str:
+    """Named by the lease epoch that wrote it and the (id, sample) pairs it lists: a retried batch overwrites its
+    own part, and no two runs (or batches) ever share a name. The pairs are hashed in an encoding that cannot be
+    ambiguous whatever the ids hold: each id as its UTF-8 length (8 bytes) then its bytes, then the sample."""
     digest = hashlib.sha256()
-    for key in sorted(f"{r['id']}\x00{r['sample_index']}" for r in rows):
-        digest.update(key.encode() + b"\x01")
-    return f"{MANIFEST_PREFIX}part-{digest.hexdigest()[:32]}.parquet"
+    for row_id, sample in sorted((r["id"], r["sample_index"]) for r in rows):
+        raw = row_id.encode("utf-8", "surrogatepass")
+        digest.update(len(raw).to_bytes(8, "little") + raw + int(sample).to_bytes(8, "little", signed=True))
+    return f"{MANIFEST_PREFIX}part-{epoch:010d}-{digest.hexdigest()[:32]}.parquet"
 
 
-def write_manifest(storage: Storage, rows: list[dict[str, Any]]) -> str:
+def part_epoch(key: str) -> int:
+    """The lease epoch that wrote a part; 0 for parts written before outputs had leases."""
+    match = _PART_NAME.fullmatch(key.rpartition("/")[2])
+    return int(match.group(1)) if match else 0
+
+
+def write_manifest(storage: Storage, rows: list[dict[str, Any]], epoch: int) -> str:
     """One PUT (or write-then-rename): the part appears whole or not at all."""
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
-    key = manifest_key(rows)
+    key = manifest_key(rows, epoch)
     storage.put(key, buffer.getvalue(), "application/vnd.apache.parquet")
     return key
 
@@ -116,6 +129,8 @@ class InspectReport:
     rows: int = 0
     ok: int = 0
     errors: int = 0
+    superseded: int = 0
+    leftovers: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -123,13 +138,23 @@ class InspectReport:
         return not self.problems
 
 
+# An image key that ends with the lease epoch of the run that uploaded it (stages.image_key).
+_LEASED_IMAGE = re.compile(r".+-e[1-9]\d*\.\w+")
+
+
 def inspect_output(storage: Storage, verify_hashes: bool = True) -> InspectReport:
-    """Check that every ok row's object exists with its recorded size and sha256; find duplicates, orphans."""
+    """Check that every ok row's object exists with its recorded size and sha256; find duplicates, orphans.
+
+    Two ok rows for one (id, sample) from different lease epochs are the fencing rule's residual case (a run
+    whose lease was taken over committed while the new holder generated the pair again): both images are
+    intact, the higher epoch's row is the pair's row and the other counts as superseded. Any other duplicate is
+    a problem. Images no row lists whose key carries a lease epoch are leftovers of runs that stopped between
+    upload and commit: never listed, never overwritten, so not damage; other unlisted objects are problems."""
     report = InspectReport(read_success(storage))
     if report.success is None:
         report.problems.append(f"{storage.uri_for(SUCCESS_KEY)} is missing: the job has not completed")
     referenced: set[str] = set()
-    seen_ok: dict[tuple[str, int], str] = {}
+    seen_ok: dict[tuple[str, int], list[tuple[int, str]]] = {}
     prefix = storage.uri_for("")
     for part, table in read_manifests(storage):
         report.parts += 1
@@ -138,12 +163,7 @@ def inspect_output(storage: Storage, verify_hashes: bool = True) -> InspectRepor
             if row["status"] != "ok":
                 report.errors += 1
                 continue
-            report.ok += 1
-            pair = (row["id"], row["sample_index"])
-            if pair in seen_ok:
-                report.problems.append(f"duplicate ok rows for id={pair[0]!r} sample={pair[1]} in {seen_ok[pair]} "
-                                       f"and {part}")
-            seen_ok[pair] = part
+            seen_ok.setdefault((row["id"], row["sample_index"]), []).append((part_epoch(part), part))
             key = row["image_uri"][len(prefix) :]
             referenced.add(key)
             size = storage.size(key)
@@ -153,8 +173,22 @@ def inspect_output(storage: Storage, verify_hashes: bool = True) -> InspectRepor
                 report.problems.append(f"size mismatch for {row['image_uri']}: {size} != {row['bytes']} recorded")
             elif verify_hashes and hashlib.sha256(storage.get(key)).hexdigest() != row["sha256"]:
                 report.problems.append(f"sha256 mismatch for {row['image_uri']}")
+    report.ok = len(seen_ok)
+    for (row_id, sample), listed in seen_ok.items():
+        if len(listed) == 1:
+            continue
+        epochs = [epoch for epoch, _ in listed]
+        if 0 in epochs or len(set(epochs)) < len(epochs):
+            report.problems.append(f"duplicate ok rows for id={row_id!r} sample={sample} in "
+                                   + " and ".join(part for _, part in listed))
+        else:
+            report.superseded += len(listed) - 1
     for key in storage.list("images/"):
-        if key not in referenced:
+        if key in referenced:
+            continue
+        if _LEASED_IMAGE.fullmatch(key.rpartition("/")[2]):
+            report.leftovers.append(storage.uri_for(key))
+        else:
             report.problems.append(f"orphan object {storage.uri_for(key)}: no ok manifest row lists it")
     if report.success is not None:
         recorded_ok = report.success.get("images_ok_total")

@@ -15,12 +15,13 @@ from typing import Any
 import pyarrow as pa
 
 from batchgen.errors import BatchgenError, JobConfigError
+from batchgen.lease import OutputLease
 from batchgen.manifest import SUCCESS_KEY, committed_keys, manifest_totals, write_success
 from batchgen.models.families import family_for
 from batchgen.models.schedulers import MODEL_SCHEDULER, model_scheduler_name
 from batchgen.models.source import ModelFacts, model_source
-from batchgen.prompts import DoneKeys, InputPlan, ReadTask, RowReader, plan_input
-from batchgen.resume import check_fingerprint, fingerprint
+from batchgen.prompts import DoneKeys, InputPlan, ReadTask, RowReader, all_done, plan_input
+from batchgen.resume import FINGERPRINT_KEY, check_fingerprint, fingerprint, with_placement
 from batchgen.rows import Rules
 from batchgen.spec import ComputeSpec, JobSpec, SamplingSpec, dump_spec
 from batchgen.stages import GeneratorActor, StoreStage, below_generators
@@ -116,19 +117,21 @@ def prepare_model(spec: JobSpec) -> tuple[dict[str, Any], ModelFacts, Rules]:
 
 
 def plan_job(spec: JobSpec) -> JobPlan:
-    """Everything that can be checked before Ray starts: input files and columns, the model, the output."""
-    model_options, facts, rules = prepare_model(spec)
-    input_plan = plan_input(spec.input, rules)
+    """Everything that can be checked before Ray starts: input files and columns, the model, the output. The
+    fingerprint's device class and dtype stay unresolved where they depend on the cluster's GPUs."""
     open_storage(spec.output.uri)  # an unsupported output scheme fails here, before any work
+    model_options, facts, rules = prepare_model(spec)
+    input_plan = plan_input(spec.input, rules, output=spec.output.uri)
     # The fingerprint names the scheduler that runs: `model` and the name it stands for make the same images.
     ran = spec
     if spec.sampling.scheduler == MODEL_SCHEDULER:
         sampling = spec.sampling.model_copy(update={"scheduler": rules.model_scheduler})
         ran = spec.model_copy(update={"sampling": sampling})
-    return JobPlan(spec, input_plan, model_options, facts, rules, fingerprint(ran, facts))
+    return JobPlan(spec, input_plan, model_options, facts, rules,
+                   fingerprint(ran, facts, input_plan.identity, spec.compute.gpus_per_actor))
 
 
-def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: DoneKeys, run_id: str):
+def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: DoneKeys, run_id: str, epoch: int):
     """The lazy, streaming Dataset of per-batch summaries; nothing runs until it is iterated."""
     import ray
 
@@ -155,7 +158,7 @@ def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: D
         num_gpus=resources.gpus_per_actor,
         resources=resources.custom or None,
     )
-    stage = StoreStage(storage, spec.output.format, spec.output.quality, plan.model, run_id)
+    stage = StoreStage(storage, spec.output.format, spec.output.quality, plan.model, run_id, epoch)
     return ds.map_batches(
         _store, fn_kwargs={"stage": stage, "nice": nice}, batch_size=None, batch_format="pyarrow",
         num_cpus=spec.compute.cpus_per_storage_task,
@@ -237,32 +240,47 @@ def cluster_totals() -> tuple[float, float]:
 
 
 def run_job(spec: JobSpec) -> dict[str, Any]:
-    """Plan, start (or join) Ray, stream the whole job, write _SUCCESS last; returns the summary."""
+    """Plan, take the output's lease, stream the whole job, write _SUCCESS last; returns the summary."""
     started = time.time()
     plan = plan_job(spec)
     storage = open_storage(spec.output.uri, retry_deadline_s=spec.output.retry_deadline_s,
                            max_workers=spec.output.upload_workers)
-    check_fingerprint(storage, plan.fingerprint)
+    if storage.exists(SUCCESS_KEY) and not storage.exists(FINGERPRINT_KEY):
+        raise JobConfigError(f"`output.uri` {storage.uri!r} holds a _SUCCESS that batchgen did not write (no "
+                             f"{FINGERPRINT_KEY}): batchgen replaces only its own; choose another output")
+    with OutputLease(storage, uuid.uuid4().hex[:12], spec.output.lease_timeout_s) as lease:
+        return _run_leased(spec, plan, storage, lease, started)
+
+
+def _run_leased(spec: JobSpec, plan: JobPlan, storage: Storage, lease: OutputLease, started: float
+                ) -> dict[str, Any]:
+    run_id, override = lease.run_id, spec.output.override_fingerprint
+    check_fingerprint(storage, plan.fingerprint, override=override, record=False)
+    done = committed_keys(storage, include_errors=not spec.output.retry_errors)
+    if all_done(plan.input, spec.sampling, done):
+        logger.info("every image of %s is already committed: nothing to generate", storage.uri)
+        return _finish(storage, lease, plan, started, {"ok": 0, "errors": 0, "skipped": len(done)}, None)
+
     storage.delete(SUCCESS_KEY)
     storage.put(STATE_PREFIX + "job.yaml", dump_spec(spec).encode(), "application/yaml")
-    done = committed_keys(storage, include_errors=not spec.output.retry_errors)
-
     init_ray(spec.compute.address)
     from ray.data import DataContext
 
     from batchgen.readahead import install as install_read_ahead_cap
     from batchgen.readahead import read_ahead_rows
 
+    resources = size_compute(spec.compute, *cluster_totals())
+    # Now the actors' device class and dtype are known: check them, and record the fingerprint on first use.
+    resolved = with_placement(plan.fingerprint, spec, resources.gpus_per_actor)
+    check_fingerprint(storage, resolved, override=override, epoch=lease.epoch, run_id=run_id)
     context = DataContext.get_current()
     context.execution_no_progress_timeout_s = spec.compute.no_progress_timeout_s
     # Start reading once min_actors generators are up: while none is, Ray Data's liveness rule runs the reader
     # past any backpressure (nothing is running), so a long model load would let it read the whole input.
     context.wait_for_min_actors_s = math.ceil(spec.compute.no_progress_timeout_s)
-    resources = size_compute(spec.compute, *cluster_totals())
     logger.info("generator: %d-%d actors x (%.2f CPU, %g GPU, %d torch threads); batch size %d",
                 resources.min_actors, resources.max_actors, resources.cpus_per_actor, resources.gpus_per_actor,
                 resources.torch_threads, spec.compute.batch_size)
-    run_id = uuid.uuid4().hex[:12]
     expected = plan.input.rows * spec.sampling.num_images
     progress = Progress(max(0, expected - len(done)))
     counts = {"ok": 0, "errors": 0, "skipped": 0}
@@ -270,7 +288,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     rows_per_call = spec.compute.batch_size * spec.compute.batches_per_call
     install_read_ahead_cap(context, read_ahead_rows(
         rows_per_call, resources.max_actors, spec.compute.read_ahead_calls, spec.input.rows_per_read))
-    ds = build_dataset(plan, resources, storage, done, run_id)
+    ds = build_dataset(plan, resources, storage, done, run_id, lease.epoch)
     try:
         for summaries in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in summaries.to_pylist():
@@ -281,10 +299,17 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
                 progress.update(row["ok"] + row["errors"])
     except Exception as e:  # Ray wraps stage failures: surface the stage's own error
         raise _job_error(e) from e
+    return _finish(storage, lease, plan, started, counts, first_stored)
+
+
+def _finish(storage: Storage, lease: OutputLease, plan: JobPlan, started: float, counts: dict[str, int],
+            first_stored: float | None) -> dict[str, Any]:
+    """Write _SUCCESS, the run's last write, while still holding the lease."""
     wall = time.time() - started
     totals = manifest_totals(storage)
     summary = {
-        "run_id": run_id,
+        "run_id": lease.run_id,
+        "lease_epoch": lease.epoch,
         "rows": plan.input.rows,
         "images_ok": counts["ok"],
         "errors": counts["errors"],
@@ -297,6 +322,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         "first_image_s": round(first_stored - started, 3) if first_stored else None,
         "output": storage.uri,
     }
+    lease.check()
     write_success(storage, summary)
     return summary
 

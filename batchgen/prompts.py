@@ -59,9 +59,15 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
 
 
-def list_input_files(uri: str) -> tuple[pafs.FileSystem, str, list[str]]:
-    """(filesystem, root, sorted Parquet files) for a file, a directory (recursive) or a glob."""
+def list_input_files(uri: str, exclude: str | None = None) -> tuple[pafs.FileSystem, str, list[str]]:
+    """(filesystem, root, sorted Parquet files) for a file, a directory (recursive) or a glob. Files under the
+    `exclude` URI (the job's own output, which holds Parquet manifests) are never listed, so an output inside
+    the input directory, or matched by its glob, stays resumable; an input that lies inside it is refused."""
     fs, path = filesystem_for(uri)
+    skipped = _output_path(exclude, uri)
+    if skipped is not None and _under(path.split("*")[0].split("?")[0].split("[")[0].rstrip("/") or "/", skipped):
+        raise JobConfigError(f"`input.prompts` {uri!r} lies inside `output.uri` {exclude!r}: the job would read its "
+                             "own manifests as prompts")
     if any(ch in path for ch in "*?["):
         root = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
@@ -81,9 +87,38 @@ def list_input_files(uri: str) -> tuple[pafs.FileSystem, str, list[str]]:
             and not os.path.basename(i.path).startswith((".", "_"))
             and i.path.endswith((".parquet", ".pq"))
         ]
+    if skipped is not None:
+        inside = [f for f in files if _under(f, skipped)]
+        if inside:
+            logger.warning("input %s: skipping %d files inside the job's output %s", uri, len(inside), exclude)
+            files = [f for f in files if not _under(f, skipped)]
     if not files:
         raise JobConfigError(f"`input.prompts` {uri!r} matches no Parquet files")
     return fs, root, sorted(files)
+
+
+def _output_path(output: str | None, input_uri: str) -> str | None:
+    """The output's path in the input's filesystem, or None where they cannot overlap (S3 and local)."""
+    if output is None or output.startswith("s3://") != input_uri.startswith("s3://"):
+        return None
+    if output.startswith("s3://"):
+        return output[len("s3://") :].rstrip("/")
+    return os.path.abspath(os.path.expanduser(output.removeprefix("file://")))
+
+
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def file_identity(fs: pafs.FileSystem, root: str, files: list[str]) -> dict[str, str]:
+    """What identifies each input file's bytes without reading them: its size and modification time, keyed by
+    its path under the input root (the part of a position id that names the file)."""
+    identity = {}
+    for info in fs.get_file_info(files):
+        key = info.path[len(root) :].lstrip("/") or os.path.basename(info.path)
+        modified = info.mtime_ns if info.mtime_ns is not None else "unknown"
+        identity[key] = f"{info.size} bytes, modified {modified}"
+    return identity
 
 
 @dataclass(frozen=True)
@@ -104,12 +139,14 @@ class InputPlan:
     rows: int
     columns: dict[str, str]  # batchgen field -> input column
     extra_columns: list[str]
+    identity: dict[str, str]  # file key -> size and modification time (file_identity)
 
 
-def plan_input(spec: InputSpec, rules: Rules = ANY_MODEL) -> InputPlan:
+def plan_input(spec: InputSpec, rules: Rules = ANY_MODEL, output: str | None = None) -> InputPlan:
     """Check every file's footer (no row data) and map columns; job-level problems raise JobConfigError. Columns
-    named after a field the model's family does not use are carried like any other column."""
-    fs, root, files = list_input_files(spec.prompts)
+    named after a field the model's family does not use are carried like any other column. Files inside the
+    `output` URI are not input (list_input_files)."""
+    fs, root, files = list_input_files(spec.prompts, exclude=output)
     field_of = {source: target for source, target in spec.columns.items()}
     usable = {name for name in COLUMN_TARGETS if name in INPUT_FIELDS or name in rules.fields}
     unused = sorted({target for target in field_of.values() if target not in usable})
@@ -162,7 +199,7 @@ def plan_input(spec: InputSpec, rules: Rules = ANY_MODEL) -> InputPlan:
     if absent:
         raise JobConfigError(f"`input.columns` maps {absent} but no input file has such a column "
                              f"(columns: {sorted(set(mapped.values()) | set(extras))})")
-    plan = InputPlan(spec.prompts, files, tasks, rows, mapped, extras)
+    plan = InputPlan(spec.prompts, files, tasks, rows, mapped, extras, file_identity(fs, root, files))
     if "id" in mapped:
         check_unique_ids(plan, fs)
     return plan
@@ -217,6 +254,35 @@ class DoneKeys:
     def __contains__(self, key: int) -> bool:
         index = int(np.searchsorted(self.keys, np.uint64(key)))
         return index < len(self.keys) and int(self.keys[index]) == key
+
+
+def all_done(plan: InputPlan, sampling: SamplingSpec, done: DoneKeys) -> bool:
+    """Whether every (id, sample) the input asks for is in `done`, so a run would generate nothing. Reads only
+    the id and num_images columns; a row whose num_images is invalid asks for sample 0 (its error row)."""
+    if len(done) < plan.rows:  # every row asks for at least one pair
+        return False
+    fs, _ = filesystem_for(plan.uri)
+    file_keys = {task.path: task.file_key for task in plan.tasks}
+    for path, file_key in file_keys.items():
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            present = set(parquet.schema_arrow.names)
+            wanted = {field: column for field, column in plan.columns.items()
+                      if field in ("id", "num_images") and column in present}
+            table = parquet.read(columns=list(wanted.values()))
+        ids = table.column(wanted["id"]).to_pylist() if "id" in wanted else [None] * table.num_rows
+        counts = table.column(wanted["num_images"]).to_pylist() if "num_images" in wanted else [None] * len(ids)
+        for row, (raw_id, count) in enumerate(zip(ids, counts, strict=True)):
+            row_id = str(raw_id) if raw_id is not None else f"{file_key}:{row}"
+            try:
+                count = sampling.num_images if count is None else to_int("num_images", count)
+            except RowError:
+                count = 1
+            if not 1 <= count <= MAX_IMAGES_PER_ROW:
+                count = 1
+            if any(sample_key(row_id, k) not in done for k in range(count)):
+                return False
+    return True
 
 
 def derive_seed(job_seed: int, row_id: str, sample_index: int) -> int:

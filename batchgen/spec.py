@@ -118,6 +118,14 @@ class OutputSpec(Section):
     )
     upload_workers: int = Field(16, ge=1, le=256, description="Parallel uploads per storage task.")
     retry_errors: bool = Field(True, description="On resume, regenerate rows whose last attempt was an error.")
+    lease_timeout_s: float = Field(
+        120.0, gt=0, description="A run holding this output's lease heartbeats every quarter of this; a lease not "
+        "heartbeaten for this long is stale and the next run takes it over (README: One writer per output)."
+    )
+    override_fingerprint: bool = Field(
+        False, description="Continue into an output made with different pixel-changing settings, mixing its "
+        "images knowingly; the override and the old fingerprint are recorded under _batchgen/overrides/."
+    )
 
 
 class ComputeSpec(Section):

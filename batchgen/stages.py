@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from batchgen.encode import CONTENT_TYPES, EXTENSIONS, encode_image
+from batchgen.lease import check_fence
 from batchgen.manifest import write_manifest
 from batchgen.models.source import ModelFacts
 from batchgen.prompts import WORK_SCHEMA
@@ -90,21 +91,24 @@ class GeneratorActor:
         return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
 
 
-def image_key(row_id: str, sample_index: int, fmt: str) -> str:
-    """images/{2-hex shard}/{escaped id}_{sample}.{ext}: inside the prefix, unique, spread over shards."""
+def image_key(row_id: str, sample_index: int, fmt: str, epoch: int) -> str:
+    """images/{2-hex shard}/{escaped id}_{sample}-e{lease epoch}.{ext}: inside the prefix, spread over shards,
+    and unique per run (one run per lease epoch), so no run ever overwrites an image another run committed."""
     shard = hashlib.sha256(row_id.encode()).hexdigest()[:2]
-    return object_key("images", shard, f"{row_id}_{sample_index}.{EXTENSIONS[fmt]}")
+    return f"{object_key('images', shard, f'{row_id}_{sample_index}')}-e{epoch}.{EXTENSIONS[fmt]}"
 
 
 class StoreStage:
-    """Encodes a batch's images, uploads them in parallel, then writes the manifest part that lists them."""
+    """Encodes a batch's images, uploads them in parallel, then writes the manifest part that lists them;
+    fenced by the output's lease: a run whose lease was taken over uploads and commits nothing more."""
 
-    def __init__(self, storage: Storage, fmt: str, quality: int, model: ModelFacts, run_id: str):
+    def __init__(self, storage: Storage, fmt: str, quality: int, model: ModelFacts, run_id: str, epoch: int):
         self.storage = storage
         self.fmt = fmt
         self.quality = quality
         self.model = model
         self.run_id = run_id
+        self.epoch = epoch
         self.versions = library_versions()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -120,10 +124,12 @@ class StoreStage:
             start = time.perf_counter()
             pixels = np.frombuffer(row.pop("pixels"), dtype=np.uint8).reshape(row["height"], row["width"], 3)
             data = encode_image(pixels, self.fmt, self.quality)
-            key = image_key(row["id"], row["sample_index"], self.fmt)
+            key = image_key(row["id"], row["sample_index"], self.fmt, self.epoch)
             row.update(encode_ms=(time.perf_counter() - start) * 1000, image_uri=self.storage.uri_for(key),
                        sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
             uploads.append((key, data, CONTENT_TYPES[self.fmt]))
+        if rows:
+            check_fence(self.storage, self.epoch)
         start = time.perf_counter()
         if uploads:
             self.storage.put_many(uploads)
@@ -132,7 +138,9 @@ class StoreStage:
         for row in rows:
             if row["status"] == "ok":
                 row["upload_ms"] = upload_ms
-        manifest = write_manifest(self.storage, rows) if rows else None
+        if rows:
+            check_fence(self.storage, self.epoch)  # the commit point: the window left is this one PUT
+        manifest = write_manifest(self.storage, rows, self.epoch) if rows else None
         ok = sum(r["status"] == "ok" for r in rows)
         summary = {"manifest": manifest, "ok": ok, "errors": len(rows) - ok, "skipped": skipped,
                    "first_stored_at": stored_at}

@@ -57,7 +57,7 @@ def test_store_encodes_uploads_then_writes_manifest(tmp_path, fmt, ext):
         {**work_row("x"), "status": "error", "error": "boom"},
         {"id": "", "sample_index": -1, "status": "tally", "skipped": 2},
     ]
-    stage = StoreStage(storage, fmt, 80, ModelFacts("m", None, "f" * 64, "float32"), "run1")
+    stage = StoreStage(storage, fmt, 80, ModelFacts("m", None, "f" * 64, "float32"), "run1", 1)
     (summary,) = stage(pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)).to_pylist()
     assert (summary["ok"], summary["errors"], summary["skipped"]) == (1, 1, 2)
     ((part, table),) = list(read_manifests(storage))
@@ -77,8 +77,8 @@ def test_store_encodes_uploads_then_writes_manifest(tmp_path, fmt, ext):
 
 def test_image_keys_stay_inside_and_unique():
     ids = ["a", "a/b", "a%2Fb", "../x", "..", ".", "", "é", "a b", "🦊", "\u202eabc", "x" * 5000]
-    keys = [image_key(i, 0, "png") for i in ids]
-    assert len(set(keys)) == len(ids)
+    keys = [image_key(i, 0, "png", 1) for i in ids] + [image_key(i, 0, "png", 2) for i in ids]
+    assert len(set(keys)) == 2 * len(ids), "unique per id and per lease epoch"
     for key in keys:
         parts = key.split("/")
         assert parts[0] == "images" and len(parts) == 3 and all(p not in ("", ".", "..") for p in parts)

@@ -76,7 +76,12 @@ def check_model_dir(path: Path, allow_pickle: bool = False) -> None:
             raise ModelLoadError(f"model directory {str(path)!r} lists component {component!r} but has no {component}/")
         weights = [f for f in sub.iterdir() if f.name.endswith(WEIGHT_SUFFIXES)]
         if not weights:
-            continue  # tokenizers and schedulers carry no weights
+            # Models save config.json; tokenizers, schedulers and feature extractors save other configs and
+            # carry no weights. A model without weights would fail in every actor, after Ray started.
+            if (sub / "config.json").is_file():
+                raise ModelLoadError(f"component {component!r} in {str(path)!r} has a config.json but no weights "
+                                     f"file ({', '.join(WEIGHT_SUFFIXES)}) in {component}/")
+            continue
         if not allow_pickle and not any(f.name.endswith(".safetensors") for f in weights):
             names = sorted(f.name for f in weights)
             raise ModelLoadError(
