@@ -104,12 +104,13 @@ class OutputLease:
             if top:
                 current = read_holder(self.storage, top)
                 now = self.clock()
+                # Judged by the holder's own timeout: it heartbeats at a quarter of that, whatever ours is.
                 if not current.released:
-                    if now - current.heartbeat_at < self.timeout_s:
+                    if now - current.heartbeat_at < current.timeout_s:
                         raise LeaseHeld(
                             f"output {self.storage.uri!r} is being written by {current.describe(now)}; wait for it "
-                            f"to end, or, if it died, rerun once its heartbeat is `output.lease_timeout_s` "
-                            f"({self.timeout_s:g} s) old to take it over"
+                            f"to end, or, if it died, rerun once its heartbeat is its `output.lease_timeout_s` "
+                            f"({current.timeout_s:g} s) old to take it over"
                         )
                     stale = current
             now = self.clock()
@@ -120,7 +121,7 @@ class OutputLease:
                 self.took_over = stale
                 if stale is not None:
                     logger.warning("took over the lease on %s from %s (its heartbeat is older than %g s)",
-                                   self.storage.uri, stale.describe(now), self.timeout_s)
+                                   self.storage.uri, stale.describe(now), stale.timeout_s)
                 logger.info("holding the lease on %s (epoch %d, run %s)", self.storage.uri, mine.epoch, self.run_id)
                 return
             # Another run created that epoch first: look again; it is live, so the next pass refuses naming it.

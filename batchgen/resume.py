@@ -22,10 +22,12 @@ UNRESOLVED = "(resolved once the cluster is known)"
 # unless it is listed here. Each says where or how fast a job runs, never what an (id, sample) looks like:
 # performance knobs (vae_batch_size, channels_last, compile_denoiser and the whole compute section, batch
 # size included) change pixels at most within the tolerance that batch composition already has (README,
-# "Reproducible"). input.prompts is replaced by the input's identity, model.source by the weights' hash.
+# "Reproducible"). input.prompts is replaced by the input's identity, model.source by the weights' hash (which
+# also covers what allow_pickle merely permits to load).
 NOT_FINGERPRINTED = {
     "input": {"prompts", "rows_per_read"},
-    "model": {"source", "make_tiny_if_missing", "vae_batch_size", "channels_last", "compile_denoiser"},
+    "model": {"source", "make_tiny_if_missing", "allow_pickle", "vae_batch_size", "channels_last",
+              "compile_denoiser"},
     "output": {"uri", "retry_deadline_s", "upload_workers", "retry_errors", "lease_timeout_s",
                "override_fingerprint"},
 }

@@ -6,6 +6,7 @@ import io
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -118,6 +119,21 @@ def success(storage: Storage) -> dict[str, Any]:
     summary = read_success(storage)
     assert summary is not None, f"{storage.uri} has no _SUCCESS"
     return summary
+
+
+def wait_until_lease_free(storage: Storage, timeout: float = 60) -> None:
+    """Wait until a rerun may take the output's lease: released, or stale by its holder's timeout (a driver that
+    was killed, or failed where it could not reach the output to release it)."""
+    from batchgen.lease import latest_epoch, read_holder
+
+    deadline = time.monotonic() + timeout
+    while True:
+        epoch = latest_epoch(storage)
+        holder = read_holder(storage, epoch) if epoch else None
+        if holder is None or holder.released or time.time() - holder.heartbeat_at > holder.timeout_s:
+            return
+        assert time.monotonic() < deadline, f"the lease on {storage.uri} stayed live for {timeout} s: {holder}"
+        time.sleep(0.1)
 
 
 class JobThread(threading.Thread):

@@ -22,6 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import main
+from batchgen.lease import latest_epoch, read_holder
 from batchgen.manifest import manifest_parts
 from batchgen.pipeline import run_job
 from batchgen.storage import open_storage
@@ -33,6 +34,7 @@ from tests.jobs import (
     manifest_rows,
     prompts_table,
     success,
+    wait_until_lease_free,
     write_spec,
     write_table,
 )
@@ -178,7 +180,9 @@ def test_s3_down_past_the_retry_deadline_fails_with_exit_1_and_a_rerun_resumes(
     prompts = write_table(tmp_path / "p.parquet", prompts_table(24))
     output = f"s3://{s3_bucket}/out"
     settings = {"sampling.steps": 20, "compute.batch_size": 4}
-    spec = job_spec(tiny_model_dir, str(prompts), output, **settings, **{"output.retry_deadline_s": 3})
+    # The failing run cannot release its lease while S3 is down: a short lease timeout lets the rerun take it.
+    spec = job_spec(tiny_model_dir, str(prompts), output, **settings,
+                    **{"output.retry_deadline_s": 3, "output.lease_timeout_s": 2})
     storage = open_storage(output, retry_deadline_s=30)
     result: dict = {}
 
@@ -200,6 +204,7 @@ def test_s3_down_past_the_retry_deadline_fails_with_exit_1_and_a_rerun_resumes(
 
     before = assert_accounted(storage, pairs(24), finished=False)
     assert 0 < len(before) < 24
+    wait_until_lease_free(storage)
     summary = run_job(job_spec(tiny_model_dir, str(prompts), output, **settings, **{"output.retry_deadline_s": 60}))
     final = assert_accounted(storage, pairs(24))
     assert all(r["status"] == "ok" for r in final.values())
@@ -288,7 +293,8 @@ def test_driver_killed_mid_job_then_the_same_command_resumes_through_a_throttlin
     prompts = write_table(tmp_path / "p.parquet", prompts_table(rows))
     output = f"s3://{s3_bucket}/out"
     spec = write_spec(tmp_path / "job.yaml", job_spec(tiny_model_dir, str(prompts), output, **{
-        "sampling.steps": 40, "compute.batch_size": 4, "output.retry_deadline_s": 60}))
+        "sampling.steps": 40, "compute.batch_size": 4, "output.retry_deadline_s": 60,
+        "output.lease_timeout_s": 3}))
     storage = open_storage(output)
     with throttling_proxy(s3_server.endpoint, every=4) as proxy:
         env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy['port']}", "RAY_ADDRESS": "local"}
@@ -305,6 +311,9 @@ def test_driver_killed_mid_job_then_the_same_command_resumes_through_a_throttlin
         assert not survivors, f"processes outlived the killed driver by 30 s: {survivors}"
         before = assert_accounted(storage, pairs(rows), finished=False)
         assert 0 < len(before) < rows
+        holder = read_holder(storage, latest_epoch(storage))
+        assert not holder.released, "a SIGKILLed driver cannot release its lease"
+        wait_until_lease_free(storage)  # the rerun takes the dead driver's lease over once it is stale
 
         rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -314,4 +323,6 @@ def test_driver_killed_mid_job_then_the_same_command_resumes_through_a_throttlin
     assert (summary["skipped_done"], summary["generated"]) == (len(before), rows - len(before))
     assert proxy["throttled"] > 0, "the proxy never answered SlowDown"
     assert all(before[key]["sha256"] == final[key]["sha256"] for key in before), "committed images were redone"
+    assert "took over the lease" in rerun.stderr and f"run {holder.run_id}" in rerun.stderr, rerun.stderr[-3000:]
+    assert (summary["lease_epoch"], latest_epoch(storage)) == (holder.epoch + 1, holder.epoch + 1)
 

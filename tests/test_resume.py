@@ -3,6 +3,7 @@ appended rows and nothing else, and refuses settings that would mix differently 
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -105,6 +106,10 @@ def test_rerun_skips_committed_retries_errors_and_generates_only_appended_rows(t
     table = table.set_column(table.schema.get_field_index("guidance_scale"), "guidance_scale",
                              pa.array(guidance, pa.float64()))
     write_table(prompts, table)
+    # A table rewritten under the same name is a changed input: refused naming the file, unless overridden.
+    with pytest.raises(JobConfigError, match=r"input\.files\.p\.parquet: '\d+ bytes, modified \d+' in the output"):
+        run_job(spec)
+    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"override_fingerprint": True})})
     job = JobThread(spec)
     job.start()
     # _SUCCESS is removed when a run starts, so an interrupted run never looks complete.
@@ -115,6 +120,8 @@ def test_rerun_skips_committed_retries_errors_and_generates_only_appended_rows(t
     assert (third["images_ok_total"], third["errors_total"]) == (24, 1)
     assert rows["p.parquet:3", 0]["status"] == "ok" and rows["p.parquet:7", 0]["status"] == "error"
     assert success(storage)["run_id"] == third["run_id"]
+    (override,) = [json.loads(storage.get(key)) for key in storage.list("_batchgen/overrides/")]
+    assert override["run_id"] == third["run_id"] and override["differences"][0].startswith("input.files.p.parquet: ")
     regenerated = {(r["id"], r["sample_index"]) for r in manifest_rows(storage) if r["run_id"] == third["run_id"]}
     assert regenerated == {("p.parquet:3", 0), ("p.parquet:7", 0)} | {(f"p.parquet:{i}", 0) for i in range(16, 24)}
     assert all((out / part).stat().st_mtime_ns == written for part, written in parts.items()), "old parts rewritten"
