@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from batchgen.errors import ModelLoadError
-from batchgen.models.loading import load_model, weights_sha256
+from batchgen.models.loading import check_model_dir, load_model, weights_sha256
 from batchgen.models.tiny import make_tiny_model
 
 
@@ -80,6 +80,23 @@ def test_missing_component(model_copy):
     shutil.rmtree(model_copy / "vae")
     with pytest.raises(ModelLoadError, match="lists component 'vae' but has no vae/"):
         load_model(str(model_copy), device="cpu")
+
+
+def test_a_model_component_without_weights_is_found_on_the_driver_with_exit_2(model_copy, tmp_path):
+    """Found by check_model_dir, which the driver runs before Ray starts (the README promises exit 2)."""
+    from click.testing import CliRunner
+
+    from batchgen.cli import main
+    from tests.jobs import job_spec, prompts_table, write_spec, write_table
+
+    (model_copy / "text_encoder" / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="component 'text_encoder' .* has a config.json but no weights file"):
+        check_model_dir(model_copy)
+    prompts = write_table(tmp_path / "p.parquet", prompts_table(2))
+    spec = write_spec(tmp_path / "job.yaml", job_spec(model_copy, str(prompts), str(tmp_path / "out")))
+    result = CliRunner().invoke(main, ["run", str(spec), "--address", "127.0.0.1:1"])  # Ray would fail with 1
+    assert result.exit_code == 2 and "'text_encoder'" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def pickle_unet(model_copy):
