@@ -108,15 +108,17 @@ def check_fingerprint(storage: Storage, current: dict[str, Any], *, override: bo
         if added and record and _resolved(current):
             logger.info("input files added since the output was made: %s", added[:10])
             storage.put(FINGERPRINT_KEY, _encode(current), "application/json")
-        logger.info("resuming into %s (fingerprint matches)", storage.uri)
+        if record:
+            logger.info("resuming into %s (fingerprint matches)", storage.uri)
         return []
     if not override:
         raise JobConfigError(
             f"output {storage.uri!r} was made with different settings; use a new output, the same settings, or "
             f"`output.override_fingerprint` (--override-fingerprint) to mix them knowingly:\n  " + "\n  ".join(lines)
         )
-    logger.warning("output.override_fingerprint: continuing into %s despite:\n  %s", storage.uri, "\n  ".join(lines))
     if record and _resolved(current):
+        logger.warning("output.override_fingerprint: continuing into %s despite:\n  %s", storage.uri,
+                       "\n  ".join(lines))
         entry = {"run_id": run_id, "epoch": epoch, "at": time.time(), "differences": lines,
                  "previous": stored}
         storage.put(f"{OVERRIDES_PREFIX}{epoch:010d}.json", _encode(entry), "application/json")
