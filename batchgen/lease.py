@@ -115,8 +115,10 @@ class OutputLease:
                     stale = current
             now = self.clock()
             mine = Holder(top + 1, self.run_id, socket.gethostname(), os.getpid(), now, now, self.timeout_s)
-            created = self.storage.put_if_absent(lease_key(mine.epoch), _encode(mine), "application/json")
-            if created or read_holder(self.storage, mine.epoch).run_id == self.run_id:  # a retried own create
+            self.storage.put_if_absent(lease_key(mine.epoch), _encode(mine), "application/json")
+            # Who won is read back, not taken from the create's answer: a create retried after its first attempt
+            # succeeded answers "exists", and a store that ignored If-None-Match shows its last writer here.
+            if read_holder(self.storage, mine.epoch).run_id == self.run_id:
                 self.holder = mine
                 self.took_over = stale
                 if stale is not None:
