@@ -1,5 +1,6 @@
 """The `batchgen` command line: run, validate, inspect, make-tiny-model; submit, status, logs, stop for Ray
-clusters; sweep. Logging is configured here only."""
+clusters; sweep; eval, score, report, export, make-tiny-scorers (batchgen.eval.cli). Logging is configured here
+only."""
 
 from __future__ import annotations
 
@@ -320,3 +321,13 @@ def sweep(prompts, output, guidance_scales, schedulers, seeds):
         fail(e)
     click.echo(f"wrote {table.num_rows} rows ({len(prompt_list)} prompts x {len(guidance_scales)} guidance scales "
                f"x {len(schedulers)} schedulers x {len(seeds)} seeds) to {where}")
+
+
+def _register_eval_commands() -> None:
+    from batchgen.eval.cli import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register_eval_commands()

@@ -233,6 +233,13 @@ def score_collections(collections: list[Collection], spec: ScoringSpec, hashes: 
         from batchgen.pipeline import init_ray
 
         init_ray(address)
+        from ray.data import DataContext
+
+        from batchgen.readahead import CONFIG_KEY
+
+        # A generation job before this one left its prompt read-ahead cap on the shared DataContext; this pipeline
+        # has no prompt reader to cap.
+        DataContext.get_current().set_config(CONFIG_KEY, None)
         totals = ray.cluster_resources()
         gpus, cpus, threads = actor_resources(spec, float(totals.get("CPU", 0)), float(totals.get("GPU", 0)))
         by_output = {c.output: c.name for c in collections}

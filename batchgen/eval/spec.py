@@ -178,7 +178,8 @@ def _describe(error: ValidationError, source: str) -> str:
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"])
         shown = repr(item.get("input"))
-        lines.append(f"{source}: `{field}` {item['msg'].lower()} (got {shown[:77] + '...' if len(shown) > 80 else shown})")
+        shown = shown[:77] + "..." if len(shown) > 80 else shown
+        lines.append(f"{source}: `{field}` {item['msg'].lower()} (got {shown})")
     return "\n".join(lines)
 
 
