@@ -12,12 +12,6 @@ from batchgen.errors import JobConfigError
 from batchgen.eval.distribution import fid_kid
 from batchgen.eval.scorers import AESTHETIC, CLIP_SCORE, FEATURES, Scorers, check_scorers, load_aesthetic_head
 from batchgen.eval.spec import FidSpec, ScoringSpec
-from batchgen.eval.tiny import make_tiny_scorers
-
-
-@pytest.fixture(scope="session")
-def tiny_scorers(tmp_path_factory):
-    return make_tiny_scorers(tmp_path_factory.mktemp("scorers"))
 
 
 def images(n: int, seed: int, size: int = 40) -> list[Image.Image]:

@@ -7,6 +7,7 @@ downloaded, and the extractor itself ran batched on the scoring actors.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +59,9 @@ def fid_kid(images: np.ndarray, reference: np.ndarray, spec: FidSpec, seed: int 
     subset = min(spec.kid_subset_size, len(images), len(reference))
     fid = FrechetInceptionDistance(feature=FeatureIdentity(dim))
     torch.manual_seed(seed)  # KID draws its subsets with torch's generator
-    kid = KernelInceptionDistance(feature=FeatureIdentity(dim), subsets=spec.kid_subsets, subset_size=subset)
+    with warnings.catch_warnings():  # "KID keeps every feature in memory": it is given them all anyway
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=FeatureIdentity(dim), subsets=spec.kid_subsets, subset_size=subset)
     real, fake = torch.from_numpy(reference), torch.from_numpy(images)
     for metric in (fid, kid):
         metric.update(real, real=True)
