@@ -22,15 +22,18 @@ def eval_command(spec, report, verbose):
     """Run an evaluation sweep: every arm's images, scores, statistics and the report; resumes into its output.
 
     Exit code 1 when an arm failed (the others are still scored and reported)."""
-    setup_logging(verbose)
+    bar = setup_logging(verbose, starts_ray=True)
     try:
         from batchgen.eval.spec import load_eval_spec
         from batchgen.eval.sweep import run_eval
 
-        summary = run_eval(load_eval_spec(spec), report=report)
+        summary = run_eval(load_eval_spec(spec), report=report, progress=bar)
     except Exception as e:  # noqa: BLE001 - every failure ends in a message and an exit code
         logger.debug("failure", exc_info=True)
         fail(e)
+    finally:
+        if bar:
+            bar.finish()
     click.echo(json.dumps(summary, indent=2, default=str))
     if "report" in summary:
         click.echo(f"report: {summary['report']}")
@@ -47,7 +50,7 @@ def eval_command(spec, report, verbose):
 def score(output, scoring, verbose):
     """Score any batchgen OUTPUT with the scorers of SCORING (a YAML scoring section, or an eval spec); writes
     OUTPUT/scores/ and scores only images not scored yet."""
-    setup_logging(verbose)
+    setup_logging(verbose, starts_ray=True)
     try:
         import yaml
 

@@ -26,8 +26,9 @@ STATS_PREFIX = "_eval/stats/"
 REPORT_PREFIX = "report"
 
 
-def run_eval(spec: EvalSpec, *, report: bool = True) -> dict[str, Any]:
-    """Generate, score, summarize, report; returns a summary with each arm's status and counts."""
+def run_eval(spec: EvalSpec, *, report: bool = True, progress: Any = None) -> dict[str, Any]:
+    """Generate, score, summarize, report; returns a summary with each arm's status and counts. `progress`: the
+    CLI's live bar, ended after each arm."""
     # 1. Check everything before any work.
     arms = build_arms(spec)
     table = prompt_table(spec)
@@ -52,6 +53,9 @@ def run_eval(spec: EvalSpec, *, report: bool = True) -> dict[str, Any]:
         except BatchgenError as e:  # one arm's failure is reported; the other arms are still run and scored
             logger.error("arm %s failed: %s", arm.name, e)
             entry.update(status="failed", error=str(e))
+        finally:
+            if progress is not None:
+                progress.finish()
         entries.append(entry)
         _write_arms(root, spec, entries, hashes)
 
