@@ -102,6 +102,15 @@ def _image_link(row: dict[str, Any], dest: Storage) -> str | None:
     return None
 
 
+def _made_with(arm: ArmResult) -> str:
+    """The sampling settings all the arm's images share, for outputs not made by an eval (no listed settings)."""
+    common = _common_fields(arm.rows)
+    if "model" in common:
+        common["model"] = str(common["model"]).rstrip("/").rsplit("/", 1)[-1]
+    names = ("model", "steps", "guidance_scale", "scheduler", "width", "height", "negative_prompt")
+    return ", ".join(f"{k}={common[k]}" for k in names if k in common)
+
+
 class Page:
     """Builds index.html's sections from the results; `images` is the provenance table the script reads."""
 
@@ -148,7 +157,7 @@ class Page:
             error = arm.error or ""
             status = "ok" if arm.status == "ok" else (f"<span class='bad' title='{escape(error)}'>failed</span>: "
                                                       f"{escape(error[:80])}{'…' if len(error) > 80 else ''}")
-            settings = ", ".join(f"{k}={v}" for k, v in arm.settings.items())
+            settings = ", ".join(f"{k}={v}" for k, v in arm.settings.items()) or _made_with(arm)
             name = escape(arm.name) + (" <small>(baseline)</small>" if arm.name == baseline else "")
             cells = [name, status, escape(settings), str(len(arm.rows))]
             for metric in self.metrics:
@@ -210,6 +219,10 @@ class Page:
 
     def contact_sheets(self) -> str:
         arms = [arm for arm in self.results.arms if arm.rows]
+        if len(arms) == 1:  # nothing to compare across: a grid of captioned thumbnails
+            arm = arms[0]
+            cells = [self.thumb(arm, row, f"{row['prompt'][:40]} · seed {row['seed']}") for row in arm.rows]
+            return f"<div class='strip grid'>{''.join(cells)}</div>"
         cells: dict[str, dict[tuple[str, int], dict[str, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
         prompts: dict[tuple[str, str], str] = {}
         for arm in arms:
@@ -259,6 +272,7 @@ table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:3px 6px;verti
 .plots{display:flex;flex-wrap:wrap;gap:12px}.plot{background:#fff;border:1px solid #eee}
 .pt{font-weight:600;font-size:13px}.pl{font-size:11px;fill:#333}
 figure{margin:0;display:inline-block;text-align:center}figcaption{font-size:11px}
+.grid figure{width:var(--side)}.grid figcaption{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 img[data-i]{width:var(--side);height:var(--side);object-fit:contain;image-rendering:pixelated;cursor:pointer;
 background:#f4f4f4;display:block}
 .strip{display:flex;flex-wrap:wrap;gap:6px}.sheet th{max-width:16em;font-weight:normal}

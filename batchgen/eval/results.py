@@ -47,7 +47,7 @@ def prompt_fields(row: dict[str, Any]) -> dict[str, Any]:
     except ValueError:
         extra = {}
     prompt_set = extra.get("prompt_set") or "prompts"
-    prompt_id = extra.get("prompt_id") or row["prompt"]
+    prompt_id = extra.get("prompt_id") or row["id"]
     return {"prompt_set": prompt_set, "prompt_id": str(prompt_id), "category": str(extra.get("category") or "all"),
             "prompt_key": f"{prompt_set}/{prompt_id}", "metadata": extra.get("metadata")}
 
