@@ -131,17 +131,16 @@ class Page:
                 link = _image_link(row, dest)
                 self.image_of[(arm.name, row["id"], row["sample_index"])] = len(self.images)
                 self.images.append({"a": a, "r": own, "s": {m: _clean(v) for m, v in row["scores"].items()},
-                                    "t": thumb_key(row["sha256"]), **({"l": link} if link else {})})
+                                    **({"l": link} if link else {})})
 
     def thumb(self, arm: ArmResult, row: dict[str, Any], label: str = "") -> str:
         index = self.image_of[(arm.name, row["id"], row["sample_index"])]
         scores = ", ".join(f"{m} {v:.3g}" for m, v in row["scores"].items() if v is not None)
-        title = f"{arm.name} | {row['prompt'][:120]} | seed {row['seed']}" + (f" | {scores}" if scores else "")
+        title = f"{arm.name} · seed {row['seed']}" + (f" · {scores}" if scores else "")  # the prompt heads the row
         side = self.spec.thumbnail
         caption = f"<figcaption>{escape(label)}</figcaption>" if label else ""
         return (f'<figure><img loading="lazy" decoding="async" width="{side}" height="{side}" data-i="{index}" '
-                f'src="{escape(thumb_key(row["sha256"]))}" alt="{escape(row["prompt"][:80])}" '
-                f'title="{escape(title)}">{caption}</figure>')
+                f'src="{escape(thumb_key(row["sha256"]))}" alt="" title="{escape(title)}">{caption}</figure>')
 
     def arms_table(self) -> str:
         by_key = {(r["arm"], r["metric"]): r for r in self.summary if r["category"] == ALL}
@@ -276,6 +275,7 @@ figure{margin:0;display:inline-block;text-align:center}figcaption{font-size:11px
 img[data-i]{width:var(--side);height:var(--side);object-fit:contain;image-rendering:pixelated;cursor:pointer;
 background:#f4f4f4;display:block}
 .strip{display:flex;flex-wrap:wrap;gap:6px}.sheet th{max-width:16em;font-weight:normal}
+.sheet tbody tr,.grid figure{content-visibility:auto;contain-intrinsic-size:auto calc(var(--side) + 12px)}
 #prov{position:fixed;top:0;right:0;width:30em;max-width:45vw;height:100vh;overflow:auto;background:#fff;
 border-left:2px solid #888;padding:1em;box-shadow:-4px 0 12px #0002;display:none;font-size:12px}
 #prov.open{display:block}#prov td{word-break:break-all}#prov img{max-width:100%;image-rendering:pixelated}
@@ -295,7 +295,7 @@ SCRIPT = """
     const close = document.createElement('button'); close.textContent = 'close';
     close.onclick = () => panel.classList.remove('open');
     const title = document.createElement('h3'); title.textContent = arm.name + ' · ' + (image.r.id || arm.common.id);
-    const big = document.createElement('img'); big.src = image.t;
+    const big = document.createElement('img'); big.src = document.querySelector(`img[data-i="${i}"]`).src;
     panel.append(close, title, big);
     if (image.l){ const a = document.createElement('a'); a.href = image.l; a.textContent = 'full-size image';
       panel.append(document.createElement('br'), a); }
