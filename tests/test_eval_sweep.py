@@ -159,3 +159,33 @@ def test_bad_scoring_inputs_fail_before_any_work(s3_bucket, tiny_model_dir, tiny
         run_eval(parse_eval_spec(tree))
     # Nothing was written: the checks ran before the prompt table, the arms and Ray.
     assert list(open_storage(f"s3://{s3_bucket}/eval").list()) == []
+
+
+def test_ready_eval_spec_expands_to_valid_arm_jobs():
+    from batchgen.eval.arms import build_arms
+    from batchgen.eval.spec import load_eval_spec
+    from tests.jobs import REPO
+
+    spec = load_eval_spec(REPO / "jobs" / "eval_models.yaml")
+    arms = build_arms(spec)
+    assert [a.name for a in arms][:3] == ["stable-diffusion-v1-5-g3", "stable-diffusion-v1-5-g5",
+                                          "stable-diffusion-v1-5-g7.5"]
+    assert spec.baseline in [a.name for a in arms] and len(arms) == 6
+    job = arms[4].job
+    assert job.model.source == "s3://batchgen-models/sd15-finetune" and job.sampling.guidance_scale == 5.0
+    assert job.sampling.scheduler == "dpmpp_2m_karras" and job.sampling.num_images == 1
+    assert job.output.uri == "s3://batchgen-eval/evals/sd15-vs-ft/arms/sd15-finetune-g5"
+    assert job.input.prompts == "s3://batchgen-eval/evals/sd15-vs-ft/_eval/prompts.parquet"
+
+
+def test_bad_eval_specs_name_the_field(tmp_path):
+    base = {"output": str(tmp_path / "e"), "prompts": [{"name": "p", "prompts": ["a fox"]}], "seeds": [0],
+            "arms": {"grid": {"guidance_scale": [1.0, 2.0]}}}
+    with pytest.raises(JobConfigError, match=r"`arms.grid` .*unknown axis 'cfg'"):
+        parse_eval_spec({**base, "arms": {"grid": {"cfg": [1]}}})
+    from batchgen.eval.arms import build_arms
+
+    with pytest.raises(JobConfigError, match=r"`baseline` must name an arm .* but is 'g9'"):
+        build_arms(parse_eval_spec({**base, "baseline": "g9"}))
+    with pytest.raises(JobConfigError, match=r"arm 'g1'.*sampling.scheduler"):
+        build_arms(parse_eval_spec({**base, "job": {"sampling": {"scheduler": "nope"}}}))
