@@ -89,7 +89,9 @@ def load_results(root: str) -> Results:
     listed = read_json(storage, ARMS_KEY)
     if listed is None:
         name = storage.uri.rstrip("/").rsplit("/", 1)[-1] or "output"
-        return Results(storage.uri, None, [load_arm(name, storage.uri)])
+        arm = load_arm(name, storage.uri)
+        arm.set_metrics = (read_json(storage, SETS_KEY) or {}).get(name, {})  # written by `batchgen score`
+        return Results(storage.uri, None, [arm])
     sets = read_json(storage, SETS_KEY) or {}
     hashes = listed.get("scorers") or None
     arms = []

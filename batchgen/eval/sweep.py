@@ -121,4 +121,11 @@ def score_output(output: str, scoring: ScoringSpec, report_spec: ReportSpec | No
     if reference is not None:
         collections.append(reference)
     counts = score_collections(collections, scoring, hashes)
-    return {"output": storage.uri, "images": len(collection.items), "scored": counts[collection.name]}
+    summary: dict[str, Any] = {"output": storage.uri, "images": len(collection.items),
+                               "scored": counts[collection.name]}
+    entry = {"name": collection.name, "output": storage.uri, "status": "ok"}
+    sets = set_metrics(scoring, [entry], reference, hashes)
+    if sets:
+        storage.put(STATS_PREFIX + "sets.json", json.dumps(sets, indent=1).encode(), "application/json")
+        summary.update(sets[collection.name])
+    return summary
