@@ -53,7 +53,9 @@ def source_sha256(uri: str, field: str, directory: bool) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if directory else [path]
     for file in files:
         digest.update(str(file.relative_to(path) if directory else file.name).encode())
-        digest.update(file.read_bytes())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):  # checkpoints are GBs: never whole in memory
+                digest.update(chunk)
     return digest.hexdigest()
 
 
