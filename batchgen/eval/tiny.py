@@ -21,7 +21,7 @@ def make_tiny_clip(directory: str | Path) -> Path:
     CLIPImageProcessor config, so `CLIPModel/CLIPTokenizer/CLIPImageProcessor.from_pretrained(dir)` load it."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from batchgen.tiny import write_tokenizer
+    from batchgen.models.tiny import write_tokenizer
 
     path = Path(directory)
     # The byte-level tokenizer: 256 bytes x 2 forms, then <|startoftext|> = 512, <|endoftext|> = 513. CLIP pools
