@@ -28,7 +28,8 @@ from batchgen.storage import LocalStorage, Storage, open_storage
 logger = logging.getLogger(__name__)
 
 THUMBS_PREFIX = "thumbs/"
-HIDDEN_FIELDS = ("scores", "prompt_key", "metadata")
+# Fields results.py derives from the manifest row (its `extra` holds them): not repeated in the provenance data.
+HIDDEN_FIELDS = ("scores", "prompt_key", "metadata", "prompt_set", "prompt_id", "category")
 
 
 def thumb_key(sha256: str) -> str:
@@ -85,7 +86,10 @@ def _json_script(element_id: str, value: Any) -> str:
 
 
 def _clean(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+    """Scores for the page: 6 significant digits (the Parquet tables keep every digit); no NaN in JSON."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}") if math.isfinite(value) else None
+    return value
 
 
 def _interval(value: float | None, low: float | None, high: float | None) -> str:
