@@ -5,11 +5,13 @@ Chromium from file://; how much it weighs and how fast it opens.
 
 The evaluation is synthetic (tests/eval_data.py: real manifests, score tables and 64x64 PNGs; 8 arms = 4 guidance
 scales x 2 schedulers, 2 seeds, 4 categories), so only the report is measured. Per load, in a fresh browser page:
-`load` = navigation start to the load event (HTML parsed, inline data and SVG ready, lazy images not required),
-`first screen` = until every thumbnail in the first viewport has decoded, `jump` = scrolling to the middle of the
-contact sheets until every thumbnail in view has decoded, `provenance` = a click on a thumbnail
-until its provenance panel is filled (timed inside the page); `images fetched` = thumbnails the browser has
-loaded by the first screen (the rest are lazy).
+- `load`: navigation start to the load event (HTML parsed, inline data and SVG ready; lazy images not waited for);
+- `busy`: the page main thread's CPU time by then (Chrome's TaskDuration: less sensitive than wall time to other
+  processes on a shared box);
+- `first screen`: until every thumbnail in the first viewport has decoded;
+- `jump`: scrolling to the middle of the contact sheets until every thumbnail in view has decoded;
+- `provenance`: a click on a thumbnail until its provenance panel is filled (timed inside the page);
+- `images fetched`: thumbnails loaded by the first screen (the rest are lazy).
 Prints a table and writes bench/out/report_scale.json.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -54,9 +57,13 @@ def measure_loads(index: Path, loads: int) -> list[dict[str, float]]:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             errors: list[str] = []
             page.on("console", lambda m, errors=errors: errors.append(m.text) if m.type == "error" else None)
+            cdp = page.context.new_cdp_session(page)
+            cdp.send("Performance.enable")
             started = time.perf_counter()
             page.goto(index.resolve().as_uri(), wait_until="load")
             loaded = time.perf_counter()
+            # Busy time of the page's main thread (CPU, not wall): what the load costs, even on a contended box.
+            busy = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
             visible = page.evaluate(FIRST_SCREEN)
             first_screen = time.perf_counter()
             fetched = page.evaluate("() => [...document.querySelectorAll('img[data-i]')]"
@@ -78,6 +85,10 @@ def measure_loads(index: Path, loads: int) -> list[dict[str, float]]:
                         "dom_content_loaded_s": nav[0] / 1000, "load_event_s": nav[1] / 1000,
                         "provenance_click_s": click_ms / 1000, "visible_thumbnails": visible,
                         "jump_to_middle_s": jump_s, "thumbnails_shown_after_jump": shown,
+                        "load1": os.getloadavg()[0],  # the box is shared: how busy it was
+                        "main_thread_busy_s": busy.get("TaskDuration", 0.0),
+                        "layout_s": busy.get("LayoutDuration", 0.0), "style_s": busy.get("RecalcStyleDuration", 0.0),
+                        "script_s": busy.get("ScriptDuration", 0.0),
                         "images_loaded_at_first_screen": fetched, "thumbnails": total, "console_errors": len(errors)})
             page.close()
         browser.close()
@@ -122,12 +133,12 @@ def main() -> None:
     print(f"{summary['images']} images, {summary['arms']} arms; report built in {build_s:.1f} s "
           f"(rebuild {rebuild_s:.1f} s), index.html {summary['index_html_mb']} MB, {thumb_files} thumbnails "
           f"{summary['thumbnails_mb']} MB")
-    print(f"{'load':>5} {'load s':>8} {'first screen s':>15} {'DOMContentLoaded s':>19} {'jump s':>7} "
-          f"{'provenance s':>13} {'images fetched':>15}")
+    print(f"{'#':>3} {'load s':>7} {'busy s':>7} {'first screen s':>15} {'DOMContentLoaded s':>19} {'jump s':>7} "
+          f"{'provenance s':>13} {'images fetched':>15} {'load1':>6}")
     for i, x in enumerate(loads):
-        print(f"{i:>5} {x['load_s']:>8.2f} {x['first_screen_s']:>15.2f} {x['dom_content_loaded_s']:>19.2f} "
-              f"{x['jump_to_middle_s']:>7.2f} {x['provenance_click_s']:>13.3f} "
-              f"{x['images_loaded_at_first_screen']:>7}/{x['thumbnails']}")
+        print(f"{i:>3} {x['load_s']:>7.2f} {x['main_thread_busy_s']:>7.2f} {x['first_screen_s']:>15.2f} "
+              f"{x['dom_content_loaded_s']:>19.2f} {x['jump_to_middle_s']:>7.2f} {x['provenance_click_s']:>13.3f} "
+              f"{x['images_loaded_at_first_screen']:>7}/{x['thumbnails']} {x['load1']:>6.1f}")
 
 
 if __name__ == "__main__":

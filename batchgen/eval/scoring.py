@@ -101,7 +101,8 @@ def reference_collection(reference: str, into: Storage, hashes: dict[str, str]) 
 
 
 def read_scores(output: str | Storage, columns: list[str] | None = None) -> pa.Table:
-    """Every score row of an output (latest row per (id, sample_index, scorer, weights_sha256))."""
+    """Every score row of an output, oldest first: a reader keeping the last row per (id, sample_index, scorer,
+    weights_sha256) keeps the latest (a crashed run's retried batch, or a reference shard read twice)."""
     storage = open_storage(output) if isinstance(output, str) else output
     wanted = columns or SCORE_SCHEMA.names
     tables = []
