@@ -6,8 +6,8 @@ Chromium from file://; how much it weighs and how fast it opens.
 The evaluation is synthetic (tests/eval_data.py: real manifests, score tables and 64x64 PNGs; 8 arms = 4 guidance
 scales x 2 schedulers, 2 seeds, 4 categories), so only the report is measured. Per load, in a fresh browser page:
 - `load`: navigation start to the load event (HTML parsed, inline data and SVG ready; lazy images not waited for);
-- `busy`: the page main thread's CPU time by then (Chrome's TaskDuration: less sensitive than wall time to other
-  processes on a shared box);
+- `busy`: the time the page's main thread spent running tasks by then (Chrome's TaskDuration): equal to `load`
+  says the load is bound by parsing and layout, not by reading files;
 - `first screen`: until every thumbnail in the first viewport has decoded;
 - `jump`: scrolling to the middle of the contact sheets until every thumbnail in view has decoded;
 - `provenance`: a click on a thumbnail until its provenance panel is filled (timed inside the page);
@@ -62,7 +62,7 @@ def measure_loads(index: Path, loads: int) -> list[dict[str, float]]:
             started = time.perf_counter()
             page.goto(index.resolve().as_uri(), wait_until="load")
             loaded = time.perf_counter()
-            # Busy time of the page's main thread (CPU, not wall): what the load costs, even on a contended box.
+            # Time the page's main thread spent in tasks: is the load bound by parsing and layout or by reading files?
             busy = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
             visible = page.evaluate(FIRST_SCREEN)
             first_screen = time.perf_counter()
