@@ -251,9 +251,13 @@ def score_collections(collections: list[Collection], spec: ScoringSpec, hashes: 
                             batch_size=spec.batch_size, batch_format="pyarrow", num_cpus=cpus, num_gpus=gpus,
                             compute=ray.data.ActorPoolStrategy(size=spec.actors))
         ds = ds.map_batches(write_scores, batch_size=None, batch_format="pyarrow", num_cpus=0.25)
+        from batchgen.pipeline import Progress
+
+        progress = Progress(len(work))  # the same periodic line (and live bar) as generation
         try:
             for summary in ds.iter_rows():
                 counts[by_output[summary["output"]]] += summary["images"]
+                progress.update(summary["images"])
         except Exception as e:  # Ray wraps stage failures: one BatchgenError with the stage's message
             from batchgen.pipeline import _job_error
 

@@ -65,6 +65,8 @@ def run_eval(spec: EvalSpec, *, report: bool = True, progress: Any = None) -> di
     if reference is not None and collections:
         collections.append(reference)
     scored = score_collections(collections, spec.scoring, hashes, arms[0].job.compute.address) if hashes else {}
+    if progress is not None:
+        progress.finish()
     for entry in entries:
         entry["scored"] = scored.get(entry["name"], 0)
 
