@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	$(PY) -m pip install -q $(if $(TORCH_CONSTRAINTS),-c $(TORCH_CONSTRAINTS)) -e ".[dev]"
 	touch $@
 
+# Ends with the demo's HTML report (contact sheet, provenance on click); open the printed path in a browser.
 demo: setup
 	$(VENV)/bin/batchgen run jobs/demo.yaml
+	$(VENV)/bin/batchgen report out/demo --to out/demo-report
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -1,5 +1,6 @@
 """The `batchgen` command line: run, validate, inspect, make-tiny-model; submit, status, logs, stop for Ray
-clusters; sweep. Logging is configured here only."""
+clusters; sweep; eval, score, report, export, make-tiny-scorers (batchgen.eval.cli). Logging is configured here
+only."""
 
 from __future__ import annotations
 
@@ -37,7 +38,13 @@ RUN_FLAGS: dict[str, str] = {
 }
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, starts_ray: bool = False):
+    """One logging setup; for commands that start Ray (`starts_ray`) also the console's quieting (see
+    batchgen.console). Returns the live progress bar when stdout is a terminal."""
+    from batchgen.console import native_stderr_to_file, quiet_ray_data_console, setup_console
+
+    if starts_ray and not verbose:
+        native_stderr_to_file()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -46,6 +53,10 @@ def setup_logging(verbose: bool) -> None:
     )
     for noisy in ("ray", "botocore", "urllib3", "filelock", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    bar = setup_console(verbose)
+    if starts_ray:
+        quiet_ray_data_console()
+    return bar
 
 
 def job_options(command):
@@ -102,7 +113,7 @@ def main() -> None:
 @job_options
 def run(spec, verbose, **flags):
     """Generate every image of a job; resumes into an existing output."""
-    setup_logging(verbose)
+    bar = setup_logging(verbose, starts_ray=True)
     try:
         from batchgen.pipeline import run_job
 
@@ -116,6 +127,9 @@ def run(spec, verbose, **flags):
     except Exception as e:  # noqa: BLE001 - every failure ends in a message and an exit code
         logger.debug("failure", exc_info=True)
         fail(e)
+    finally:
+        if bar:
+            bar.finish()
     click.echo(json.dumps(summary, indent=2))
     click.echo(f"images in {summary['output']}/images, manifests in {summary['output']}/manifests")
 
@@ -334,3 +348,13 @@ def sweep(prompts, output, guidance_scales, schedulers, seeds):
         fail(e)
     click.echo(f"wrote {table.num_rows} rows ({len(prompt_list)} prompts x {len(guidance_scales)} guidance scales "
                f"x {len(schedulers)} schedulers x {len(seeds)} seeds) to {where}")
+
+
+def _register_eval_commands() -> None:
+    from batchgen.eval.cli import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register_eval_commands()

@@ -28,6 +28,7 @@ from batchgen.stages import GeneratorActor, StoreStage, below_generators
 from batchgen.storage import Storage, open_storage
 
 logger = logging.getLogger(__name__)
+_progress_log = logging.getLogger("batchgen.progress")
 
 STATE_PREFIX = "_batchgen/"
 
@@ -183,7 +184,8 @@ def _store(batch: pa.Table, stage: StoreStage, nice: int) -> pa.Table:
 
 
 class Progress:
-    """A log line every `interval_s`: images done, images/s, ETA. Quiet enough for a log file."""
+    """A log line every `interval_s`: images done, images/s, ETA. Quiet enough for a log file. Every update also
+    goes to the `batchgen.progress` logger, which the CLI draws as a live bar on a terminal."""
 
     def __init__(self, expected: int, interval_s: float = 10.0):
         self.expected = expected
@@ -195,6 +197,8 @@ class Progress:
     def update(self, images: int) -> None:
         self.done += images
         now = time.monotonic()
+        rate = self.done / max(now - self.start, 1e-9)
+        _progress_log.info("%d/%d", self.done, self.expected, extra={"progress": (self.done, self.expected, rate)})
         if now - self.last >= self.interval_s:
             self.last = now
             rate = self.done / (now - self.start)

@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.s3server", "tests.models", "tests.jobs"]
+pytest_plugins = ["tests.s3server", "tests.models", "tests.jobs", "tests.eval_fixtures"]
