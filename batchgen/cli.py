@@ -20,6 +20,8 @@ RUN_FLAGS: dict[str, str] = {
     "prompts": "input.prompts",
     "output": "output.uri",
     "model": "model.source",
+    "refiner": "model.refiner.source",
+    "refiner_start": "model.refiner.start",
     "batch_size": "compute.batch_size",
     "steps": "sampling.steps",
     "guidance_scale": "sampling.guidance_scale",
@@ -66,6 +68,8 @@ def job_options(command):
         click.option("--prompts", help="Parquet prompt table: file, directory, glob or s3:// URI."),
         click.option("--output", help="Output directory or s3://bucket/prefix."),
         click.option("--model", help="Local diffusers directory, hub id or s3:// URI."),
+        click.option("--refiner", help="SDXL refiner (directory, hub id or s3:// URI) that finishes each image."),
+        click.option("--refiner-start", type=float, help="Fraction of the steps the base runs before the refiner."),
         click.option("--batch-size", type=int, help="Rows per generator call."),
         click.option("--steps", type=int, help="Denoising steps for rows without a steps column."),
         click.option("--guidance-scale", type=float, help="CFG scale for rows without a guidance_scale column."),
@@ -159,6 +163,9 @@ def validate(spec, verbose, **flags):
     click.echo(f"columns: {plan.input.columns}; carried: {plan.input.extra_columns}")
     click.echo(f"images: {images}")
     click.echo(f"model: {plan.model.source} (sha256 {plan.model.sha256[:16] or 'resolved on load'})")
+    if plan.model.refiner:
+        click.echo(f"refiner: {plan.model.refiner} (sha256 {plan.model.refiner_sha256[:16] or 'resolved on load'}), "
+                   f"from {plan.model.refiner_start:g} of the schedule")
     click.echo(f"output: {job.output.uri} ({job.output.format})")
     from batchgen.rows import GROUP_FIELDS
 
@@ -202,7 +209,8 @@ def inspect(output, no_hashes):
 
 @main.command("make-tiny-model")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--family", type=click.Choice(["sd15", "sd2-v"]), default="sd15", show_default=True)
+@click.option("--family", type=click.Choice(["sd15", "sd2-v", "sdxl", "sdxl-refiner"]), default="sd15",
+              show_default=True)
 @click.option("--size", type=click.Choice(["tiny", "bench"]), default="tiny", show_default=True,
               help="tiny: < 10 MB test model; bench: SD-shaped, about a second per batch on 2 CPU cores.")
 def make_tiny_model_command(directory, family, size):

@@ -9,7 +9,6 @@ import re
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -17,9 +16,9 @@ import pyarrow as pa
 from batchgen.errors import BatchgenError, JobConfigError
 from batchgen.lease import OutputLease
 from batchgen.manifest import SUCCESS_KEY, committed_keys, manifest_totals, write_success
-from batchgen.models.families import family_for
-from batchgen.models.schedulers import MODEL_SCHEDULER, model_scheduler_name
-from batchgen.models.source import ModelFacts, model_source
+from batchgen.models.plan import plan_model
+from batchgen.models.schedulers import MODEL_SCHEDULER
+from batchgen.models.source import ModelFacts
 from batchgen.prompts import DoneKeys, InputPlan, ReadTask, RowReader, all_done, plan_input
 from batchgen.resume import FINGERPRINT_KEY, check_fingerprint, fingerprint, with_placement
 from batchgen.rows import Rules
@@ -88,33 +87,8 @@ class JobPlan:
 
 
 def prepare_model(spec: JobSpec) -> tuple[dict[str, Any], ModelFacts, Rules]:
-    """Resolve the model on the driver without loading weights: build the demo model if asked, check and hash
-    it, read its family and its own scheduler from the config files, check the sampling defaults against them."""
-    m = spec.model
-    if m.make_tiny_if_missing and not Path(m.source).expanduser().exists():
-        from batchgen.models.tiny import make_tiny_model
-
-        logger.info("building tiny %s model at %s", m.make_tiny_if_missing, m.source)
-        make_tiny_model(Path(m.source).expanduser(), m.make_tiny_if_missing)
-    where = model_source(m.source, m.revision, absolute=True)
-    digest = where.sha256(m.allow_pickle)
-    index = where.read_json("model_index.json")
-    try:
-        family = family_for(index.get("_class_name", ""))
-    except ValueError as e:
-        raise JobConfigError(f"`model.source` {m.source!r}: {e}") from None
-    vae = where.read_json("vae/config.json")
-    rules = family.rules(2 ** (len(vae["block_out_channels"]) - 1),
-                         model_scheduler=model_scheduler_name(where.read_json("scheduler/scheduler_config.json")))
-    if spec.sampling.scheduler not in rules.schedulers:
-        raise JobConfigError(f"`sampling.scheduler` must be one of {list(rules.schedulers)} for a {family.name} "
-                             f"model but is {spec.sampling.scheduler!r}")
-    options = {"source": where.source, "revision": m.revision, "dtype": m.dtype, "device": m.device,
-               "allow_pickle": m.allow_pickle, "vae_batch_size": m.vae_batch_size,
-               "channels_last": m.channels_last, "compile_denoiser": m.compile_denoiser}
-    if where.kind == "s3":
-        options["expected_sha256"] = digest  # actors refuse a model replaced after the driver hashed it
-    return options, ModelFacts(where.source, m.revision, digest, m.dtype), rules
+    """The model side of the plan (batchgen.models.plan): load options, manifest facts, the reader's rules."""
+    return plan_model(spec.model, spec.sampling)
 
 
 def plan_job(spec: JobSpec) -> JobPlan:

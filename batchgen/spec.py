@@ -43,6 +43,13 @@ class InputSpec(Section):
         return columns
 
 
+class RefinerSpec(Section):
+    source: str = Field(description="SDXL refiner: local diffusers directory, hub id, or s3:// URI.")
+    revision: str | None = Field(None, description="Hub revision for a hub id.")
+    start: float = Field(0.8, gt=0, lt=1, description="Fraction of the schedule the base denoises before the "
+                         "refiner continues from its latents (diffusers' denoising_end / denoising_start).")
+
+
 class ModelSpec(Section):
     source: str = Field(
         "models/tiny-sd15", description="Local diffusers directory, hub id, or s3:// URI of a diffusers directory."
@@ -53,7 +60,10 @@ class ModelSpec(Section):
     )
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N.")
     allow_pickle: bool = Field(False, description="Accept pickle (.bin/.ckpt) weights; they can run code on load.")
-    make_tiny_if_missing: Literal["sd15", "sd2-v"] | None = Field(
+    refiner: RefinerSpec | None = Field(
+        None, description="A refiner that finishes the base's images (SDXL base + refiner); the same actor holds "
+        "both, loading components they share once.")
+    make_tiny_if_missing: Literal["sd15", "sd2-v", "sdxl", "sdxl-refiner"] | None = Field(
         None, description="Build a tiny random-weight model of this family at `source` if it does not exist (demo)."
     )
     vae_batch_size: int | None = Field(
@@ -190,7 +200,9 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
     for part in parents:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an optional section written out as null (model.refiner)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise JobConfigError(f"spec: `{part}` must be a mapping to set {dotted}")
     node[leaf] = value

@@ -29,3 +29,32 @@ def tiny_v_model(tiny_v_model_dir):
     from batchgen.models.loading import load_model
 
     return load_model(str(tiny_v_model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "sdxl", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_refiner_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "sdxl-refiner", "sdxl-refiner")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_sdxl_dir):
+    from batchgen.models.loading import load_model
+
+    return load_model(str(tiny_sdxl_dir), device="cpu", dtype="float32")
+
+
+REFINER_START = 0.5
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refined(tiny_sdxl_dir, tiny_refiner_dir):
+    """The tiny SDXL base with the tiny refiner from half the schedule on."""
+    from batchgen.models.loading import load_model
+
+    return load_model(str(tiny_sdxl_dir), device="cpu", dtype="float32",
+                      refiner={"source": str(tiny_refiner_dir), "start": REFINER_START})

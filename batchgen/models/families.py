@@ -39,9 +39,15 @@ class Family:
         return getattr(importlib.import_module(module), name)
 
 
+SDXL_FIELDS = frozenset(("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size"))
+
 FAMILIES: tuple[Family, ...] = (
     Family("stable-diffusion", ("StableDiffusionPipeline",), COMMON_FIELDS, DISCRETE_SCHEDULERS,
            "batchgen.models.sd:StableDiffusionAdapter"),
+    Family("stable-diffusion-xl", ("StableDiffusionXLPipeline",), COMMON_FIELDS | SDXL_FIELDS, DISCRETE_SCHEDULERS,
+           "batchgen.models.sdxl:StableDiffusionXLAdapter",
+           refiner_fields=frozenset(("aesthetic_score", "negative_aesthetic_score")),
+           refiner_pipelines=("StableDiffusionXLImg2ImgPipeline",)),
 )
 
 

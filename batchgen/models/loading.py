@@ -37,6 +37,7 @@ class LoadedModel:
     weights_sha256: str
     device: torch.device
     dtype: torch.dtype
+    refiner_sha256: str | None = None
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -102,6 +103,9 @@ def weights_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+SHARED_WITH_REFINER = ("text_encoder_2", "vae")
+
+
 def load_model(
     source: str,
     *,
@@ -113,10 +117,11 @@ def load_model(
     channels_last: bool | None = None,
     compile_denoiser: bool = False,
     expected_sha256: str | None = None,
+    refiner: dict[str, Any] | None = None,
 ) -> LoadedModel:
-    """Load a pipeline from a local directory, or from the hub by id and revision (cached by huggingface_hub)."""
-    import torch
-    from diffusers import DiffusionPipeline
+    """Load a pipeline from a local directory, an s3:// URI (staged once per node) or the hub (cached by
+    huggingface_hub), with its family adapter. `refiner` ({source, revision, start, expected_sha256}) loads a
+    refiner that finishes the base's images; components whose files equal the base's are loaded once."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -126,38 +131,80 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     if allow_pickle:
         logger.warning("model.allow_pickle is set: pickle checkpoints can run arbitrary code when loaded")
+    pipe, root = _load_pipeline(source, revision, torch_dtype, torch_device, allow_pickle, expected_sha256)
+    try:
+        family = family_for(type(pipe).__name__)
+    except ValueError as e:
+        raise ModelLoadError(f"model {source!r}: {e}") from None
+    options: dict[str, Any] = {}
+    refiner_digest = None
+    if refiner:
+        refiner_pipe, refiner_root = _load_refiner(pipe, root, refiner, family, torch_dtype, torch_device,
+                                                   allow_pickle)
+        options = {"refiner": refiner_pipe, "refiner_start": refiner["start"]}
+        refiner_digest = weights_sha256(refiner_root) if refiner_root.is_dir() else ""
+    adapter = family.adapter_class()(pipe, family, vae_batch_size=vae_batch_size, channels_last=channels_last,
+                                     compile_denoiser=compile_denoiser, **options)
+    digest = weights_sha256(root) if root.is_dir() else ""
+    logger.info("loaded %s (%s, %s) on %s, weights sha256 %s", source, type(pipe).__name__, torch_dtype,
+                torch_device, digest[:12])
+    return LoadedModel(pipe, adapter, source, revision, digest, torch_device, torch_dtype, refiner_digest)
+
+
+def _load_pipeline(source: str, revision: str | None, torch_dtype: torch.dtype, torch_device: torch.device,
+                   allow_pickle: bool, expected_sha256: str | None, **components: Any) -> tuple[Any, Path]:
+    """One pipeline on its device and the local directory its files are in; `components` are already loaded
+    modules to use instead of reading them again."""
+    import torch
+    from diffusers import DiffusionPipeline
 
     where = model_source(source, revision)
     if where.kind == "s3":
         from batchgen.models.staging import stage_model
 
         where = model_source(str(stage_model(source, expected_sha256=expected_sha256)))
+    no_checker = {"safety_checker": None, "requires_safety_checker": False}  # for SD 1.x/2.x, which list one
     if where.kind == "local":
         check_model_dir(where.path, allow_pickle)
+        if "safety_checker" not in json.loads((where.path / "model_index.json").read_text()):
+            no_checker = {}
     try:
         pipe = DiffusionPipeline.from_pretrained(
             str(where.path) if where.kind == "local" else source,
             revision=where.revision,
             dtype=torch_dtype,
             use_safetensors=None if allow_pickle else True,
-            safety_checker=None,
-            requires_safety_checker=False,
+            **no_checker,
+            **components,
         )
     except (OSError, ValueError) as e:
         kind = "local directory" if where.kind == "local" else "hub id (no such local directory either)"
         raise ModelLoadError(f"cannot load model {source!r} as a {kind}: {e}") from e
-    if getattr(pipe.vae.config, "force_upcast", False) and torch_dtype == torch.float16:
+    # VAEs that overflow in half precision say so (SDXL's): they decode in float32 (the adapter casts latents).
+    if "vae" not in components and getattr(pipe.vae.config, "force_upcast", False) and torch_dtype == torch.float16:
         pipe.vae.to(torch.float32)
     pipe.to(torch_device)
     pipe.set_progress_bar_config(disable=True)
-    try:
-        family = family_for(type(pipe).__name__)
-    except ValueError as e:
-        raise ModelLoadError(f"model {source!r}: {e}") from None
-    adapter = family.adapter_class()(pipe, family, vae_batch_size=vae_batch_size, channels_last=channels_last,
-                                     compile_denoiser=compile_denoiser)
-    root = where.path if where.kind == "local" else Path(pipe.config._name_or_path)
-    digest = weights_sha256(root) if root.is_dir() else ""
-    logger.info("loaded %s (%s, %s) on %s, weights sha256 %s", source, type(pipe).__name__, torch_dtype,
-                torch_device, digest[:12])
-    return LoadedModel(pipe, adapter, source, revision, digest, torch_device, torch_dtype)
+    return pipe, where.path if where.kind == "local" else Path(pipe.config._name_or_path)
+
+
+def _load_refiner(base: Any, base_root: Path, refiner: dict[str, Any], family: Any, torch_dtype: torch.dtype,
+                  torch_device: torch.device, allow_pickle: bool) -> tuple[Any, Path]:
+    """The refiner pipeline, sharing the base's text_encoder_2 and VAE where their files are identical."""
+    source = refiner["source"]
+    where = model_source(source, refiner.get("revision"))
+    if where.kind == "s3":
+        from batchgen.models.staging import stage_model
+
+        where = model_source(str(stage_model(source, expected_sha256=refiner.get("expected_sha256"))))
+    shared = {}
+    if where.kind == "local":
+        for name in SHARED_WITH_REFINER:
+            if (base_root / name).is_dir() and weights_sha256(base_root / name) == weights_sha256(where.path / name):
+                shared[name] = getattr(base, name)
+    pipe, root = _load_pipeline(str(where.path) if where.kind == "local" else source, refiner.get("revision"),
+                                torch_dtype, torch_device, allow_pickle, None, **shared)
+    if type(pipe).__name__ not in family.refiner_pipelines:
+        raise ModelLoadError(f"refiner {source!r} is a {type(pipe).__name__}, not one of {family.refiner_pipelines}")
+    logger.info("loaded refiner %s; shared with the base: %s", source, sorted(shared) or "nothing")
+    return pipe, root

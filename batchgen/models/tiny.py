@@ -10,7 +10,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("sd15", "sd2-v")
+FAMILIES = ("sd15", "sd2-v", "sdxl", "sdxl-refiner")
 INIT_SEED = 0
 
 # Shapes: (unet channels, cross-attention dim, text layers). "tiny" is the test model (< 10 MB);
@@ -57,15 +57,29 @@ def write_tokenizer(directory: Path) -> None:
     )
 
 
+def _tokenizer():
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        return CLIPTokenizer.from_pretrained(tmp)
+
+
 def build_pipeline(family: str = "sd15", size: str = "tiny"):
-    """Random-weight StableDiffusionPipeline with deterministic weights (fixed init seed)."""
+    """Random-weight pipeline of the family's real classes with deterministic weights (fixed init seeds)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     if family not in FAMILIES:
         raise ValueError(f"`family` must be one of {FAMILIES} but is {family!r}")
     if size not in SIZES:
         raise ValueError(f"`size` must be one of {tuple(SIZES)} but is {size!r}")
+    if family.startswith("sdxl"):
+        if size != "tiny":
+            raise ValueError(f"`size` {size!r}: SDXL tiny models come in one size, 'tiny'")
+        return build_sdxl_pipeline(refiner=family == "sdxl-refiner")
     shape = SIZES[size]
     v_prediction = family == "sd2-v"
     text_dim = shape["text_dim"]
@@ -123,16 +137,11 @@ def build_pipeline(family: str = "sd15", size: str = "tiny"):
         prediction_type="v_prediction" if v_prediction else "epsilon",
         timestep_spacing="leading",
     )
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
     return StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        tokenizer=_tokenizer(),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
@@ -148,7 +157,73 @@ def make_tiny_model(directory: str | Path, family: str = "sd15", size: str = "ti
     pipe = build_pipeline(family, size)
     transformers_logging.disable_progress_bar()  # a per-shard bar for a 4 MB model is noise
     pipe.save_pretrained(path, safe_serialization=True)
-    # Our own tokenizer files, so the saved tokenizer is exactly what write_tokenizer defines.
-    write_tokenizer(path / "tokenizer")
+    # Our own tokenizer files, so the saved tokenizers are exactly what write_tokenizer defines.
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, name, None) is not None:
+            write_tokenizer(path / name)
     logger.info("wrote %s %s model to %s", size, family, path)
     return path
+
+
+# SDXL at the sizes of diffusers' own SDXL tests (UNet channels (2, 4), CLIP hidden 32), with our tokenizer.
+SDXL_TEXT = {"hidden_size": 32, "intermediate_size": 37, "layer_norm_eps": 1e-05, "num_attention_heads": 4,
+             "num_hidden_layers": 5, "hidden_act": "gelu", "projection_dim": 32}
+TIME_EMBED_DIM = 8
+
+
+def _sdxl_unet(cross_attention_dim: int, time_ids: int, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(2, 4), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=time_ids * TIME_EMBED_DIM + SDXL_TEXT["projection_dim"],
+        cross_attention_dim=cross_attention_dim, norm_num_groups=1,
+    )
+
+
+def _sdxl_shared(seed: int = INIT_SEED + 10):
+    """text_encoder_2 and the VAE, which base and refiner share (same seeds: byte-identical weights). The VAE
+    carries per-channel latents_mean/std, so decoding exercises them; force_upcast as SDXL's VAE."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(bos_token_id=512, eos_token_id=513, pad_token_id=513, vocab_size=514,
+                       max_position_embeddings=77, **SDXL_TEXT))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=128,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        scaling_factor=0.13025, force_upcast=True, latents_mean=[0.1, -0.2, 0.05, 0.0],
+        latents_std=[1.1, 0.9, 1.0, 1.2],
+    )
+    return text_encoder_2, vae
+
+
+def build_sdxl_pipeline(refiner: bool = False):
+    """A StableDiffusionXLPipeline (two CLIP encoders, zeros for empty negatives) or, with `refiner`, a
+    StableDiffusionXLImg2ImgPipeline shaped as SDXL's refiner (text_encoder_2 only, aesthetic-score time ids)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_encoder_2, vae = _sdxl_shared()
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                       beta_schedule="scaled_linear", timestep_spacing="leading")
+    if refiner:
+        unet = _sdxl_unet(SDXL_TEXT["hidden_size"], 5, INIT_SEED + 20)
+        return StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=_tokenizer(),
+            unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    torch.manual_seed(INIT_SEED + 12)
+    text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=512, eos_token_id=513, pad_token_id=513,
+                                                vocab_size=514, max_position_embeddings=77, **SDXL_TEXT))
+    unet = _sdxl_unet(2 * SDXL_TEXT["hidden_size"], 6, INIT_SEED + 13)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=_tokenizer(),
+        tokenizer_2=_tokenizer(), unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        add_watermarker=False)
