@@ -22,6 +22,7 @@ MAX_STEPS = 1000
 MAX_SIDE = 4096
 MAX_SEED = 2**63 - 1
 MAX_IMAGES_PER_ROW = 10_000
+ANY_FAMILY = "any"  # rules for no model in particular: every field, every scheduler name
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Rules:
     fields: frozenset[str]
     schedulers: tuple[str, ...] = (MODEL_SCHEDULER, *sorted(SCHEDULERS))
     vae_scale_factor: int = 8
-    family: str = "any"
+    family: str = ANY_FAMILY
     model_scheduler: str = MODEL_SCHEDULER  # the name `model` stands for: the checkpoint's configured scheduler
 
 
@@ -91,7 +92,8 @@ def _side(name: str, value: Any, rules: Rules) -> None:
 
 def _scheduler(name: str, value: Any, rules: Rules) -> None:
     if value not in rules.schedulers:
-        raise RowError(name, value, f"must be one of {list(rules.schedulers)} for a {rules.family} model")
+        model = f" for a {rules.family} model" if rules.family != ANY_FAMILY else ""
+        raise RowError(name, value, f"must be one of {list(rules.schedulers)}{model}")
 
 
 def _pair(name: str, value: Any, rules: Rules) -> None:
@@ -187,10 +189,10 @@ def _value(self, name: str) -> Any:
     return derive(self.__dict__) if value is None and derive is not None else value
 
 
+REQUIRED = ("prompt", "seed")  # a request has no default for these
 GenerationRequest = make_dataclass(
     "GenerationRequest",
-    [(f.name, Any) if f.default is None and f.name in ("prompt", "seed") else (f.name, Any, field(default=f.default))
-     for f in FIELDS],
+    [(f.name, Any) if f.name in REQUIRED else (f.name, Any, field(default=f.default)) for f in FIELDS],
     frozen=True,
     namespace={"group_key": _group_key, "value": _value, "__module__": __name__,
                "__doc__": "Everything that decides one image's pixels, given the model: one attribute per row field."},

@@ -29,6 +29,7 @@ from typing import Any
 
 import batchgen
 from batchgen.errors import BatchgenError
+from batchgen.models.source import model_source
 from batchgen.spec import JobSpec, dump_spec
 
 logger = logging.getLogger(__name__)
@@ -82,15 +83,18 @@ def for_cluster(spec: JobSpec) -> JobSpec:
     def absolute(path: str) -> str:
         return path if "://" in path else str(Path(path).expanduser().absolute())
 
-    model = spec.model.source
-    if "://" not in model and (Path(model).expanduser().exists() or model.startswith((".", "/", "~"))):
-        model = absolute(model)  # a local directory; anything else is a hub id and stays as it is
+    def model_path(source: str) -> str:  # a local directory; a hub id or s3:// URI stays as it is
+        return absolute(source) if model_source(source).kind == "local" else source
+
+    refiner = spec.model.refiner
+    if refiner is not None:
+        refiner = refiner.model_copy(update={"source": model_path(refiner.source)})
     if spec.compute.address:
         logger.info("ignoring compute.address %r: a submitted job runs on the cluster it is submitted to",
                     spec.compute.address)
     return spec.model_copy(update={
         "input": spec.input.model_copy(update={"prompts": absolute(spec.input.prompts)}),
-        "model": spec.model.model_copy(update={"source": model}),
+        "model": spec.model.model_copy(update={"source": model_path(spec.model.source), "refiner": refiner}),
         "output": spec.output.model_copy(update={"uri": absolute(spec.output.uri)}),
         "compute": spec.compute.model_copy(update={"address": None}),
     })

@@ -1,11 +1,15 @@
 """Denoiser throughput on a CUDA GPU: images/s and achieved TFLOP/s against the device's peak.
 
-    .venv/bin/python bench/gpu.py [--models sd15 sdxl] [--batches 1 2 4 8 16 32 64] [--steps 30]
-                                  [--dtype float16] [--peak-tflops N] [--channels-last] [--compile]
+    .venv/bin/python bench/gpu.py [--models sd15 sdxl sdxl-refiner] [--batches 1 2 4 8 16 32 64] [--steps 30]
+                                  [--refiner-start 0.8] [--dtype float16] [--peak-tflops N] [--channels-last]
+                                  [--compile]
     .venv/bin/python bench/gpu.py --flops-only      # any machine: FLOPs per denoiser step, no GPU needed
 
-SD-1.5-shaped (512 px, 64x64 latents, 768-d text) and SDXL-shaped (1024 px, 128x128 latents, 2048-d text,
-pooled and size conditioning) UNets built from their configs with random weights: no downloads. Each
+SD-1.5-shaped (512 px, 64x64 latents, 768-d text), SDXL-shaped (1024 px, 128x128 latents, 2048-d text,
+pooled and size conditioning) and SDXL-refiner-shaped (1280-d text, aesthetic-score time ids) UNets built
+from their configs with random weights: no downloads. With both SDXL models measured, a `sdxl+refiner` row
+gives the ensemble's images/s at the same batch: the base's steps up to `--refiner-start` of the schedule
+and the refiner's after it (the step split rounded as diffusers rounds it for the default schedule). Each
 batch of B images is one classifier-free-guidance call of 2B rows, as batchgen's engine makes it.
 FLOPs come from torch.utils.flop_counter.FlopCounterMode over one step on the meta device (exact for the
 graph, no memory); time from CUDA events over `--iters` steps after `--warmup`. images/s is the
@@ -66,6 +70,19 @@ UNETS = {
             "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
         },
     },
+    "sdxl-refiner": {
+        "latent": 128,
+        "text": (77, 1280),
+        "config": {
+            "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+            "block_out_channels": (384, 768, 1536, 1536),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": 4, "attention_head_dim": (6, 12, 24, 24),
+            "cross_attention_dim": 1280, "use_linear_projection": True, "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2560,
+        },
+    },
 }
 
 
@@ -82,11 +99,13 @@ def inputs(name: str, rows: int, device: str, dtype: torch.dtype) -> tuple[tuple
     latents = torch.randn(rows, 4, shape["latent"], shape["latent"], device=device, dtype=dtype)
     text = torch.randn(rows, *shape["text"], device=device, dtype=dtype)
     kwargs: dict = {"encoder_hidden_states": text, "return_dict": False}
-    if name == "sdxl":
+    if name.startswith("sdxl"):
         size = 8 * shape["latent"]
+        # (original size, crop, target size) for the base; (original size, crop, aesthetic score) for the refiner
+        ids = [size, size, 0, 0, size, size] if name == "sdxl" else [size, size, 0, 0, 6.0]
         kwargs["added_cond_kwargs"] = {
             "text_embeds": torch.randn(rows, 1280, device=device, dtype=dtype),
-            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * rows, device=device, dtype=dtype),
+            "time_ids": torch.tensor([ids] * rows, device=device, dtype=dtype),
         }
     return (latents, torch.tensor(500, device=device)), kwargs
 
@@ -122,9 +141,38 @@ def time_step(unet, args, kwargs, warmup: int, iters: int) -> float:
     return start.elapsed_time(end) / 1000 / iters
 
 
+def ensemble_steps(steps: int, start: float) -> tuple[int, int]:
+    """(base steps, refiner steps) for a first-order scheduler on the default 1000-step schedule with 'leading'
+    spacing: the base runs the timesteps >= the cutoff, the refiner those below it (diffusers' rule)."""
+    cutoff = int(round(1000 - start * 1000))
+    timesteps = [t + 1 for t in range(0, 1000, 1000 // steps)][:steps][::-1]  # leading spacing, steps_offset 1
+    base = sum(t >= cutoff for t in timesteps)
+    return base, steps - base
+
+
+def ensemble_rows(rows: list[dict], flops: dict, steps: int, start: float, peak: float | None) -> list[dict]:
+    """sdxl+refiner at each batch both were measured at: images/s of base then refiner on the same images."""
+    step_ms = {(r["model"], r["batch"]): r["step_ms"] for r in rows if "step_ms" in r}
+    base_steps, refiner_steps = ensemble_steps(steps, start)
+    out = []
+    for (name, batch), base_ms in step_ms.items():
+        refiner_ms = step_ms.get(("sdxl-refiner", batch))
+        if name != "sdxl" or refiner_ms is None:
+            continue
+        seconds = (base_steps * base_ms + refiner_steps * refiner_ms) / 1000
+        work = 2 * batch * (base_steps * flops["sdxl"] + refiner_steps * flops["sdxl-refiner"])
+        tflops = work / seconds / 1e12
+        out.append({"model": "sdxl+refiner", "batch": batch, "step_ms": seconds * 1000 / steps,
+                    "images_per_s": batch / seconds, "tflops": tflops, "utilization": tflops / peak if peak else None,
+                    "note": f"{base_steps} base + {refiner_steps} refiner steps"})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=sorted(UNETS), default=["sd15", "sdxl"])
+    parser.add_argument("--models", nargs="+", choices=sorted(UNETS), default=["sd15", "sdxl", "sdxl-refiner"])
+    parser.add_argument("--refiner-start", type=float, default=0.8,
+                        help="fraction of the schedule the SDXL base runs before the refiner (sdxl+refiner row)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--steps", type=int, default=30, help="denoising steps per image, for images/s")
     parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
@@ -189,6 +237,7 @@ def main() -> None:
         del unet, model
         torch.cuda.empty_cache()
 
+    rows += ensemble_rows(rows, flops, args.steps, args.refiner_start, peak)
     result = {"bench": "gpu", "machine": machine(), "device": device_name, "peak_tflops": peak, "args": vars(args),
               "gflop_per_row_step": {k: v / 1e9 for k, v in flops.items()}, "rows": rows}
     out = save("gpu", result)

@@ -16,7 +16,7 @@ def test_driver_and_worker_modules_import_without_torch():
     code = (
         "import sys; import batchgen.cli, batchgen.pipeline, batchgen.stages, batchgen.prompts, batchgen.manifest, "
         "batchgen.spec, batchgen.rows, batchgen.models.loading, batchgen.models.families, batchgen.models.source, "
-        "batchgen.models.staging; "
+        "batchgen.models.staging, batchgen.models.plan; "
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

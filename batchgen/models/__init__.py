@@ -1,0 +1,1 @@
+"""Model families and everything about models: sources, loading, schedulers, staging, tiny test models."""
