@@ -44,10 +44,21 @@ def quiet_benign_warnings() -> None:
             target.addFilter(BenignFilter(fragment))
 
 
-def native_stderr_to_file() -> Path:
-    """Point file descriptor 2 at a log file and keep Python's sys.stderr on the terminal: Python logging, Click
-    and Ray's forwarded worker output still reach the console; what native code writes to fd 2 (Ray's core
-    worker notes, such as its actor-restart remark) goes to the file."""
+def stderr_is_terminal() -> bool:
+    """Whether sys.stderr is this process's fd 2 on a terminal (not a pipe, a file or a test's capture)."""
+    try:
+        return sys.stderr.fileno() == 2 and os.isatty(2)
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def native_stderr_to_file() -> Path | None:
+    """On a terminal, point file descriptor 2 at a log file and keep Python's sys.stderr on the terminal: Python
+    logging, Click and Ray's forwarded worker output still reach the console; what native code writes to fd 2
+    (Ray's core worker notes, such as its actor-restart remark) goes to the file. Where stderr is already a pipe
+    or a file (CI, a log), nothing changes: that is the log file."""
+    if not stderr_is_terminal():
+        return None
     directory = Path(tempfile.gettempdir()) / "batchgen-logs"
     directory.mkdir(exist_ok=True)
     path = directory / f"native-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"

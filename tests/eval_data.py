@@ -68,7 +68,7 @@ def write_synthetic_eval(root: Path, guidance: list[float], schedulers: list[str
                                        "value": float(rng.normal(centre, 2)), "features": None,
                                        "run_id": "synthetic", "scored_at": 0.0})
             for start in range(0, len(rows), 256):
-                write_manifest(arm, rows[start:start + 256])
+                write_manifest(arm, rows[start:start + 256], epoch=1)
             buffer = io.BytesIO()
             pq.write_table(pa.Table.from_pylist(scores, schema=SCORE_SCHEMA), buffer)
             arm.put(f"{SCORES_PREFIX}part-synthetic.parquet", buffer.getvalue())

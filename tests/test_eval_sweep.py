@@ -189,3 +189,24 @@ def test_bad_eval_specs_name_the_field(tmp_path):
         build_arms(parse_eval_spec({**base, "baseline": "g9"}))
     with pytest.raises(JobConfigError, match=r"arm 'g1'.*sampling.scheduler"):
         build_arms(parse_eval_spec({**base, "job": {"sampling": {"scheduler": "nope"}}}))
+
+
+def test_a_grown_sweep_keeps_every_existing_row(tmp_path):
+    """Adding prompts, seeds and arms leaves every existing (id, prompt, seed) row as it was, so each arm's job
+    resumes and generates only the new rows; a new arm is a new output."""
+    from batchgen.eval.arms import build_arms, prompt_table
+
+    base = {"output": str(tmp_path / "e"), "seeds": [0, 1],
+            "prompts": [{"name": "p", "prompts": ["a fox", "an owl"]}],
+            "arms": {"grid": {"guidance_scale": [1.0, 2.0]}}}
+    grown = {**base, "seeds": [0, 1, 5], "prompts": [{"name": "p", "prompts": ["a fox", "an owl", "a cat"]},
+                                                       {"name": "q", "prompts": ["a teapot"]}],
+             "arms": {"grid": {"guidance_scale": [1.0, 2.0, 4.0]}}}
+    before = prompt_table(parse_eval_spec(base)).select(["id", "prompt", "seed"]).to_pylist()
+    after = prompt_table(parse_eval_spec(grown)).select(["id", "prompt", "seed"]).to_pylist()
+    assert len(after) == 3 * 3 + 1 * 3
+    assert all(row in after for row in before)
+    old_arms = {a.name: a.job for a in build_arms(parse_eval_spec(base))}
+    new_arms = {a.name: a.job for a in build_arms(parse_eval_spec(grown))}
+    assert all(new_arms[name] == job for name, job in old_arms.items())  # same output, same settings
+    assert set(new_arms) - set(old_arms) == {"g4"}
