@@ -62,9 +62,12 @@ def fingerprint(spec: JobSpec, model: Any, input_files: dict[str, str], gpus_per
     # Weights are identified by their hash; the path only matters where there is none (a hub id).
     tree["model"].update(source=None if model.sha256 else model.source, sha256=model.sha256,
                          device=device_class or UNRESOLVED, dtype=dtype or UNRESOLVED)
-    # Every other weights hash the model facts carry (a refiner's), so a new model part is covered too.
+    # Every other weights hash the model facts carry (a refiner's), so a new model part is covered too; where
+    # there is one, the refiner's path does not matter either.
     tree["model"].update({name: value for name, value in vars(model).items()
                           if name.endswith("sha256") and name != "sha256" and value})
+    if tree["model"].get("refiner") and getattr(model, "refiner_sha256", None):
+        tree["model"]["refiner"]["source"] = None
     tree["input"]["files"] = input_files
     if spec.output.format == "png":
         tree["output"].pop("quality")  # PNG is lossless: quality changes nothing

@@ -33,6 +33,10 @@ CHANGED = {"sampling.scheduler": "euler", "sampling.width": 40, "sampling.height
            "input.columns": {"prompt": "prompt"}}
 
 
+# Fields this file's sd15 model cannot take, each refused by name in the test given.
+COVERED_ELSEWHERE = {"model.refiner": "test_sdxl_jobs.py::test_sdxl_refiner_job_killed_then_resumed_exactly_once"}
+
+
 def fingerprinted_fields(spec: JobSpec) -> dict[str, Any]:
     """Every field of every section the fingerprint covers, with its current value."""
     fields = {}
@@ -73,13 +77,16 @@ def test_each_fingerprinted_field_changed_alone_is_refused_naming_it(tiny_model_
     assert {"sampling.steps", "sampling.eta", "sampling.negative_prompt", "model.dtype", "model.device",
             "output.format", "output.quality", "input.columns"} <= set(fields)
     for field, value in fields.items():
+        if field in COVERED_ELSEWHERE:
+            continue
         with pytest.raises(JobConfigError) as refusal:
             run_job(job_spec(tiny_model_dir, spec.input.prompts, spec.output.uri,
                              **{**BASE, field: changed(field, value)}))
         message = str(refusal.value)
         assert f"\n  {field}" in message and "in the output" in message, (field, message)
     epoch = latest_epoch(storage)
-    assert epoch == len(fields) and read_holder(storage, epoch).released, "each refused run released its lease"
+    assert epoch == len(set(fields) - set(COVERED_ELSEWHERE)) and read_holder(storage, epoch).released, (
+        "each refused run released its lease")
     assert not storage.exists("_batchgen/job.yaml") and not list(storage.list("manifests/")), "a refused run wrote"
 
 

@@ -18,7 +18,17 @@ from batchgen.models.loading import load_model
 from batchgen.pipeline import plan_job, run_job
 from batchgen.resume import check_fingerprint
 from batchgen.storage import open_storage
-from tests.jobs import REPO, assert_accounted, decode, job_spec, prompts_table, run_cli, success, write_spec
+from tests.jobs import (
+    REPO,
+    assert_accounted,
+    decode,
+    job_spec,
+    prompts_table,
+    run_cli,
+    success,
+    wait_until_lease_free,
+    write_spec,
+)
 from tests.test_faults import kill_process_tree, wait_for
 from tests.test_job import upload_table
 
@@ -59,7 +69,9 @@ def test_sdxl_refiner_job_killed_then_resumed_exactly_once(tiny_sdxl_dir, tiny_r
     ids = [f"r{i:02d}" for i in range(n)]
     prompts = upload_table(s3_bucket, "in/p.parquet", prompts_table(n, id=ids, aesthetic_score=[4.0] + [None] * 31))
     output = f"s3://{s3_bucket}/refined"
-    spec = job_spec(tiny_sdxl_dir, prompts, output, **{"sampling.steps": 30, "compute.batch_size": 4})
+    # A short lease timeout: the rerun takes the killed driver's lease over once it is stale.
+    spec = job_spec(tiny_sdxl_dir, prompts, output, **{"sampling.steps": 30, "compute.batch_size": 4,
+                                                       "output.lease_timeout_s": 3})
     spec_file = write_spec(tmp_path / "job.yaml", spec)
     storage = open_storage(output)
     # The CLI flags name the refiner; the run is killed (driver and its Ray) once two batches are committed.
@@ -77,6 +89,7 @@ def test_sdxl_refiner_job_killed_then_resumed_exactly_once(tiny_sdxl_dir, tiny_r
     expected = {(i, 0) for i in ids}
     before = assert_accounted(storage, expected, finished=False)
     assert 0 < len(before) < n
+    wait_until_lease_free(storage)
 
     refined = job_spec(tiny_sdxl_dir, prompts, output, **{
         "sampling.steps": 30, "compute.batch_size": 4,
