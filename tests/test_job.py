@@ -299,7 +299,7 @@ def test_the_reader_lowers_its_worker_before_reading(tiny_model_dir, tmp_path):
     import ray
 
     from batchgen.pipeline import read_prompt_rows
-    from batchgen.prompts import DoneKeys, plan_input
+    from batchgen.prompts import ANY_MODEL, DoneKeys, plan_input
 
     path = write_table(tmp_path / "p.parquet", prompts_table(12))
     spec = job_spec(tiny_model_dir, str(path), str(tmp_path / "out"))
@@ -307,7 +307,8 @@ def test_the_reader_lowers_its_worker_before_reading(tiny_model_dir, tmp_path):
 
     @ray.remote(num_cpus=0.25)
     def read_in_a_worker(task: dict) -> tuple[int, list[int]]:
-        blocks = read_prompt_rows(pa.Table.from_pylist([task]), plan, spec.sampling, 8, ray.put(DoneKeys([])), 18)
+        blocks = read_prompt_rows(pa.Table.from_pylist([task]), plan, spec.sampling, ANY_MODEL, 8,
+                                  ray.put(DoneKeys([])), 18)
         return sum(block.num_rows for block in blocks), _thread_niceness(os.getpid())
 
     rows, niceness = ray.get(read_in_a_worker.remote(asdict(plan.tasks[0])))
