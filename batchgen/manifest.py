@@ -32,7 +32,10 @@ MANIFEST_SCHEMA = pa.schema(
      ("image_uri", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()), ("format", pa.string()),
      ("status", pa.string()), ("error", pa.string()), ("truncated", pa.bool_()), ("generate_ms", pa.float64()),
      ("encode_ms", pa.float64()), ("upload_ms", pa.float64()), ("batch_size", pa.int64()), ("worker", pa.string()),
-     ("versions", pa.string()), ("extra", pa.string()), ("run_id", pa.string())]
+     ("versions", pa.string()), ("extra", pa.string()), ("run_id", pa.string()),
+     # Where in a shard (`image_uri`) the image is: the byte offset of its data in a tar, its row in a Parquet
+     # shard; null in the files layout.
+     ("offset", pa.int64())]
 )
 
 
@@ -88,19 +91,26 @@ def _keys_by_status(storage: Storage) -> dict[str, np.ndarray]:
     return {name: np.concatenate(arrays) for name, arrays in parts.items()}
 
 
-def committed_keys(storage: Storage, include_errors: bool = False) -> DoneKeys:
-    """Keys of (id, sample) pairs a rerun must skip: ok rows, and error rows if they are not retried."""
-    by_status = _keys_by_status(storage)
-    wanted = [by_status[s] for s in (("ok", "error") if include_errors else ("ok",)) if s in by_status]
-    return DoneKeys(np.concatenate(wanted) if wanted else [])
+@dataclass(frozen=True)
+class Committed:
+    """What an output held when a run started, read from its manifests once: the run's totals are these plus
+    what the run's own store calls report, so nothing is re-read at the end."""
+
+    ok: DoneKeys  # (id, sample) pairs with an ok row
+    failed: DoneKeys  # pairs whose only rows are errors
+
+    def skip(self, retry_errors: bool) -> DoneKeys:
+        """The keys a run skips: ok pairs, and failed ones unless they are to be retried."""
+        if retry_errors:
+            return self.ok
+        return DoneKeys(np.concatenate([self.ok.keys, self.failed.keys]))
 
 
-def manifest_totals(storage: Storage) -> dict[str, int]:
-    """ok (id, sample) pairs across all runs, and pairs whose only rows are errors."""
+def read_committed(storage: Storage) -> Committed:
     by_status = _keys_by_status(storage)
     ok = DoneKeys(by_status.get("ok", []))
-    every = DoneKeys(np.concatenate(list(by_status.values())) if by_status else [])
-    return {"ok": len(ok), "errors": len(every) - len(ok)}
+    every = np.unique(np.concatenate(list(by_status.values()))) if by_status else np.empty(0, np.uint64)
+    return Committed(ok, DoneKeys(np.setdiff1d(every, ok.keys, assume_unique=True)))
 
 
 def request_from_row(row: dict[str, Any]) -> GenerationRequest:
@@ -138,55 +148,52 @@ class InspectReport:
         return not self.problems
 
 
-# An image key that ends with the lease epoch of the run that uploaded it (stages.image_key).
-_LEASED_IMAGE = re.compile(r".+-e[1-9]\d*\.\w+")
-
-
 def inspect_output(storage: Storage, verify_hashes: bool = True) -> InspectReport:
-    """Check that every ok row's object exists with its recorded size and sha256; find duplicates, orphans.
+    """Ask the output's layout to verify every ok row's stored image (exists, size, sha256); find duplicates and
+    orphans (data objects no ok row lists).
 
     Two ok rows for one (id, sample) from different lease epochs are the fencing rule's residual case (a run
     whose lease was taken over committed while the new holder generated the pair again): both images are
     intact, the higher epoch's row is the pair's row and the other counts as superseded. Any other duplicate is
-    a problem. Images no row lists whose key carries a lease epoch are leftovers of runs that stopped between
-    upload and commit: never listed, never overwritten, so not damage; other unlisted objects are problems."""
+    a problem. Data objects no row lists whose name carries a lease epoch are leftovers of runs that stopped
+    between upload and commit: never listed, never overwritten, so not damage; other unlisted objects are
+    problems."""
+    from batchgen.writers import stored_layout  # the writers import this module's schema
+
+    layout = stored_layout(storage)
     report = InspectReport(read_success(storage))
     if report.success is None:
         report.problems.append(f"{storage.uri_for(SUCCESS_KEY)} is missing: the job has not completed")
-    referenced: set[str] = set()
+    listed: list[dict[str, Any]] = []
     seen_ok: dict[tuple[str, int], list[tuple[int, str]]] = {}
-    prefix = storage.uri_for("")
+    columns = ["id", "sample_index", "status", "image_uri", "bytes", "sha256", "format", "offset"]
     for part, table in read_manifests(storage):
         report.parts += 1
-        for row in table.to_pylist():
+        if "offset" not in table.column_names:  # written before shard layouts existed
+            table = table.append_column("offset", pa.nulls(table.num_rows, pa.int64()))
+        for row in table.select(columns).to_pylist():
             report.rows += 1
             if row["status"] != "ok":
                 report.errors += 1
                 continue
             seen_ok.setdefault((row["id"], row["sample_index"]), []).append((part_epoch(part), part))
-            key = row["image_uri"][len(prefix) :]
-            referenced.add(key)
-            size = storage.size(key)
-            if size is None:
-                report.problems.append(f"missing object {row['image_uri']} (listed in {part})")
-            elif size != row["bytes"]:
-                report.problems.append(f"size mismatch for {row['image_uri']}: {size} != {row['bytes']} recorded")
-            elif verify_hashes and hashlib.sha256(storage.get(key)).hexdigest() != row["sha256"]:
-                report.problems.append(f"sha256 mismatch for {row['image_uri']}")
+            listed.append(row)
     report.ok = len(seen_ok)
-    for (row_id, sample), listed in seen_ok.items():
-        if len(listed) == 1:
+    for (row_id, sample), parts in seen_ok.items():
+        if len(parts) == 1:
             continue
-        epochs = [epoch for epoch, _ in listed]
+        epochs = [epoch for epoch, _ in parts]
         if 0 in epochs or len(set(epochs)) < len(epochs):
             report.problems.append(f"duplicate ok rows for id={row_id!r} sample={sample} in "
-                                   + " and ".join(part for _, part in listed))
+                                   + " and ".join(part for _, part in parts))
         else:
-            report.superseded += len(listed) - 1
-    for key in storage.list("images/"):
-        if key in referenced:
+            report.superseded += len(parts) - 1
+    report.problems.extend(layout.verify(storage, listed, verify_hashes))
+    referenced = {row["image_uri"] for row in listed}
+    for key in storage.list(layout.data_prefix):
+        if storage.uri_for(key) in referenced:
             continue
-        if _LEASED_IMAGE.fullmatch(key.rpartition("/")[2]):
+        if layout.leftover_name.fullmatch(key.rpartition("/")[2]):
             report.leftovers.append(storage.uri_for(key))
         else:
             report.problems.append(f"orphan object {storage.uri_for(key)}: no ok manifest row lists it")

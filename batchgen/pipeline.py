@@ -7,29 +7,25 @@ import math
 import os
 import re
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
 
 from batchgen.errors import BatchgenError, JobConfigError
-from batchgen.lease import OutputLease
-from batchgen.manifest import SUCCESS_KEY, committed_keys, manifest_totals, write_success
 from batchgen.models.plan import plan_model
 from batchgen.models.schedulers import MODEL_SCHEDULER
 from batchgen.models.source import ModelFacts
+from batchgen.output import JobOutput, RunTally
 from batchgen.prompts import DoneKeys, InputPlan, ReadTask, RowReader, all_done, plan_input
-from batchgen.resume import FINGERPRINT_KEY, check_fingerprint, fingerprint, with_placement
+from batchgen.resume import fingerprint, with_placement
 from batchgen.rows import Rules
-from batchgen.spec import ComputeSpec, JobSpec, SamplingSpec, dump_spec
-from batchgen.stages import GeneratorActor, StoreStage, below_generators
-from batchgen.storage import Storage, open_storage
+from batchgen.spec import ComputeSpec, JobSpec, SamplingSpec
+from batchgen.stages import EncodeStage, GeneratorActor, StoreStage, below_generators
 
 logger = logging.getLogger(__name__)
 _progress_log = logging.getLogger("batchgen.progress")
 
-STATE_PREFIX = "_batchgen/"
 
 
 @dataclass(frozen=True)
@@ -84,6 +80,7 @@ class JobPlan:
     model: ModelFacts
     rules: Rules  # what the model's family reads and accepts, for the reader
     fingerprint: dict[str, Any]
+    output: JobOutput
 
 
 def prepare_model(spec: JobSpec) -> tuple[dict[str, Any], ModelFacts, Rules]:
@@ -94,7 +91,7 @@ def prepare_model(spec: JobSpec) -> tuple[dict[str, Any], ModelFacts, Rules]:
 def plan_job(spec: JobSpec) -> JobPlan:
     """Everything that can be checked before Ray starts: input files and columns, the model, the output. The
     fingerprint's device class and dtype stay unresolved where they depend on the cluster's GPUs."""
-    open_storage(spec.output.uri)  # an unsupported output scheme fails here, before any work
+    output = JobOutput(spec)  # an unsupported output scheme fails here, before any work
     model_options, facts, rules = prepare_model(spec)
     input_plan = plan_input(spec.input, rules, output=spec.output.uri)
     # The fingerprint names the scheduler that runs: `model` and the name it stands for make the same images.
@@ -103,11 +100,12 @@ def plan_job(spec: JobSpec) -> JobPlan:
         sampling = spec.sampling.model_copy(update={"scheduler": rules.model_scheduler})
         ran = spec.model_copy(update={"sampling": sampling})
     return JobPlan(spec, input_plan, model_options, facts, rules,
-                   fingerprint(ran, facts, input_plan.identity, spec.compute.gpus_per_actor))
+                   fingerprint(ran, facts, input_plan.identity, spec.compute.gpus_per_actor), output)
 
 
-def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: DoneKeys, run_id: str, epoch: int):
-    """The lazy, streaming Dataset of per-batch summaries; nothing runs until it is iterated."""
+def build_dataset(plan: JobPlan, resources: Resources, stage: StoreStage, done: DoneKeys):
+    """The lazy, streaming Dataset of per-batch summaries; nothing runs until it is iterated. `done`: the pairs the
+    reader skips; `stage`: the output's store stage."""
     import ray
 
     spec = plan.spec
@@ -119,12 +117,30 @@ def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: D
                         fn_kwargs={"plan": plan.input, "sampling": spec.sampling, "rules": plan.rules,
                                    "rows_per_read": spec.input.rows_per_read, "done_ref": done_ref, "nice": nice},
                         compute=ray.data.TaskPoolStrategy(size=min(spec.compute.read_tasks, max(1, len(tasks)))))
+    ds = add_generator(ds, plan.model_options, spec.compute, resources)
+    if spec.output.layout != "files":
+        # One store call writes one shard: the generators' outputs are encoded, then gathered into shard-sized
+        # blocks, so a shard is written and committed within one task (a retried task redoes it whole, under a
+        # new name) and no writer state outlives a task.
+        ds = ds.map_batches(_encode, fn_kwargs={"stage": stage.encoder, "nice": nice}, batch_size=None,
+                            batch_format="pyarrow", num_cpus=spec.compute.cpus_per_storage_task)
+        ds = ds.repartition(target_num_rows_per_block=spec.output.shard_samples, strict=True)
+    return ds.map_batches(
+        _store, fn_kwargs={"stage": stage, "nice": nice}, batch_size=None, batch_format="pyarrow",
+        num_cpus=spec.compute.cpus_per_storage_task,
+    )
+
+
+def add_generator(ds, model_options: dict[str, Any], compute: ComputeSpec, resources: Resources):
+    """Work rows -> generated rows (pixels) on a pool of generator actors: the job's and `batchgen.generate`'s."""
+    import ray
+
     # Small tables arrive as one block: split so every actor gets work; a call carries batches_per_call batches.
-    rows_per_call = spec.compute.batch_size * spec.compute.batches_per_call
+    rows_per_call = compute.batch_size * compute.batches_per_call
     ds = ds.repartition(target_num_rows_per_block=rows_per_call)
-    ds = ds.map_batches(
+    return ds.map_batches(
         GeneratorActor,
-        fn_constructor_kwargs={"model_options": plan.model_options, "batch_size": spec.compute.batch_size,
+        fn_constructor_kwargs={"model_options": model_options, "batch_size": compute.batch_size,
                                "torch_threads": resources.torch_threads},
         batch_size=rows_per_call,
         batch_format="pyarrow",
@@ -132,11 +148,6 @@ def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: D
         num_cpus=resources.cpus_per_actor,
         num_gpus=resources.gpus_per_actor,
         resources=resources.custom or None,
-    )
-    stage = StoreStage(storage, spec.output.format, spec.output.quality, plan.model, run_id, epoch)
-    return ds.map_batches(
-        _store, fn_kwargs={"stage": stage, "nice": nice}, batch_size=None, batch_format="pyarrow",
-        num_cpus=spec.compute.cpus_per_storage_task,
     )
 
 
@@ -150,6 +161,11 @@ def read_prompt_rows(batch: pa.Table, plan: InputPlan, sampling: SamplingSpec, r
     reader = RowReader(plan, sampling, rows_per_read, ray.get(done_ref), rules)
     for task in batch.to_pylist():
         yield from reader.read(ReadTask(**task))
+
+
+def _encode(batch: pa.Table, stage: EncodeStage, nice: int) -> pa.Table:
+    below_generators(nice)
+    return stage(batch)
 
 
 def _store(batch: pa.Table, stage: StoreStage, nice: int) -> pa.Table:
@@ -218,91 +234,56 @@ def cluster_totals() -> tuple[float, float]:
 
 
 def run_job(spec: JobSpec) -> dict[str, Any]:
-    """Plan, take the output's lease, stream the whole job, write _SUCCESS last; returns the summary."""
+    """Plan, start the output (its lease), start (or join) Ray, stream the whole job, commit the output (_SUCCESS
+    last); returns the summary."""
     started = time.time()
     plan = plan_job(spec)
-    storage = open_storage(spec.output.uri, retry_deadline_s=spec.output.retry_deadline_s,
-                           max_workers=spec.output.upload_workers)
-    if storage.exists(SUCCESS_KEY) and not storage.exists(FINGERPRINT_KEY):
-        raise JobConfigError(f"`output.uri` {storage.uri!r} holds a _SUCCESS that batchgen did not write (no "
-                             f"{FINGERPRINT_KEY}): batchgen replaces only its own; choose another output")
-    with OutputLease(storage, uuid.uuid4().hex[:12], spec.output.lease_timeout_s) as lease:
-        return _run_leased(spec, plan, storage, lease, started)
+    with plan.output as output:
+        done = output.start(plan.fingerprint)
+        if all_done(plan.input, spec.sampling, done):
+            logger.info("every image of %s is already committed: nothing to generate", output.uri)
+            return output.commit(plan.input.rows, RunTally(skipped=len(done)), started)
+        resources = start_ray(spec)
+        output.begin(with_placement(plan.fingerprint, spec, resources.gpus_per_actor))
+        ds = build_dataset(plan, resources, output.store_stage(plan.model), done)
+        run = stream(ds, Progress(max(0, plan.input.rows * spec.sampling.num_images - len(done))))
+        return output.commit(plan.input.rows, run, started)
 
 
-def _run_leased(spec: JobSpec, plan: JobPlan, storage: Storage, lease: OutputLease, started: float
-                ) -> dict[str, Any]:
-    run_id, override = lease.run_id, spec.output.override_fingerprint
-    check_fingerprint(storage, plan.fingerprint, override=override, record=False)
-    done = committed_keys(storage, include_errors=not spec.output.retry_errors)
-    if all_done(plan.input, spec.sampling, done):
-        logger.info("every image of %s is already committed: nothing to generate", storage.uri)
-        return _finish(storage, lease, plan, started, {"ok": 0, "errors": 0, "skipped": len(done)}, None)
-
-    storage.delete(SUCCESS_KEY)
-    storage.put(STATE_PREFIX + "job.yaml", dump_spec(spec).encode(), "application/yaml")
+def start_ray(spec: JobSpec) -> Resources:
+    """Start (or join) Ray, set Ray Data's limits for this job, size the generator stage."""
     init_ray(spec.compute.address)
     from ray.data import DataContext
 
     from batchgen.readahead import install as install_read_ahead_cap
     from batchgen.readahead import read_ahead_rows
 
-    resources = size_compute(spec.compute, *cluster_totals())
-    # Now the actors' device class and dtype are known: check them, and record the fingerprint on first use.
-    resolved = with_placement(plan.fingerprint, spec, resources.gpus_per_actor)
-    check_fingerprint(storage, resolved, override=override, epoch=lease.epoch, run_id=run_id)
     context = DataContext.get_current()
     context.execution_no_progress_timeout_s = spec.compute.no_progress_timeout_s
     # Start reading once min_actors generators are up: while none is, Ray Data's liveness rule runs the reader
     # past any backpressure (nothing is running), so a long model load would let it read the whole input.
     context.wait_for_min_actors_s = math.ceil(spec.compute.no_progress_timeout_s)
+    resources = size_compute(spec.compute, *cluster_totals())
     logger.info("generator: %d-%d actors x (%.2f CPU, %g GPU, %d torch threads); batch size %d",
                 resources.min_actors, resources.max_actors, resources.cpus_per_actor, resources.gpus_per_actor,
                 resources.torch_threads, spec.compute.batch_size)
-    expected = plan.input.rows * spec.sampling.num_images
-    progress = Progress(max(0, expected - len(done)))
-    counts = {"ok": 0, "errors": 0, "skipped": 0}
-    first_stored: float | None = None
     rows_per_call = spec.compute.batch_size * spec.compute.batches_per_call
     install_read_ahead_cap(context, read_ahead_rows(
         rows_per_call, resources.max_actors, spec.compute.read_ahead_calls, spec.input.rows_per_read))
-    ds = build_dataset(plan, resources, storage, done, run_id, lease.epoch)
+    return resources
+
+
+def stream(ds, progress: Progress) -> RunTally:
+    """Run the pipeline to the end, summing its store calls' summaries."""
+    run = RunTally()
     try:
         for summaries in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in summaries.to_pylist():
-                for name in counts:
-                    counts[name] += row[name]
-                if row["first_stored_at"] and first_stored is None:
-                    first_stored = row["first_stored_at"]
+                run.add(row)
                 progress.update(row["ok"] + row["errors"])
     except Exception as e:  # Ray wraps stage failures: surface the stage's own error
         raise _job_error(e) from e
-    return _finish(storage, lease, plan, started, counts, first_stored)
-
-
-def _finish(storage: Storage, lease: OutputLease, plan: JobPlan, started: float, counts: dict[str, int],
-            first_stored: float | None) -> dict[str, Any]:
-    """Write _SUCCESS, the run's last write, while still holding the lease."""
-    wall = time.time() - started
-    totals = manifest_totals(storage)
-    summary = {
-        "run_id": lease.run_id,
-        "lease_epoch": lease.epoch,
-        "rows": plan.input.rows,
-        "images_ok": counts["ok"],
-        "errors": counts["errors"],
-        "generated": counts["ok"] + counts["errors"],
-        "skipped_done": counts["skipped"],
-        "images_ok_total": totals["ok"],
-        "errors_total": totals["errors"],
-        "wall_s": round(wall, 3),
-        "images_per_s": round(counts["ok"] / wall, 4) if wall > 0 else 0.0,
-        "first_image_s": round(first_stored - started, 3) if first_stored else None,
-        "output": storage.uri,
-    }
-    lease.check()
-    write_success(storage, summary)
-    return summary
+    return run
 
 
 def _job_error(error: BaseException) -> BatchgenError:

@@ -29,7 +29,7 @@ NOT_FINGERPRINTED = {
     "model": {"source", "make_tiny_if_missing", "allow_pickle", "vae_batch_size", "channels_last",
               "compile_denoiser"},
     "output": {"uri", "retry_deadline_s", "upload_workers", "retry_errors", "lease_timeout_s",
-               "override_fingerprint"},
+               "override_fingerprint", "shard_samples", "shard_bytes"},
 }
 NOT_FINGERPRINTED_SECTIONS = {"compute"}
 

@@ -122,6 +122,19 @@ class SamplingSpec(Section):
 class OutputSpec(Section):
     uri: str = Field("out/demo", description="Local directory or s3://bucket/prefix for images and manifests.")
     format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
+    layout: Literal["files", "webdataset", "parquet"] = Field(
+        "files", description="files: one object per image under images/; webdataset: tar shards under shards/ "
+        "({key}.{ext}, {key}.json, {key}.txt per sample); parquet: Parquet shards under shards/ with the image "
+        "bytes in an `image` column beside the manifest fields. Shards suit training loaders and cost far fewer "
+        "objects; see batchgen/writers."
+    )
+    shard_samples: int = Field(
+        1000, ge=1, le=1_000_000, description="Most samples per shard (shard layouts): a store call takes this "
+        "many generated rows and writes them as one shard."
+    )
+    shard_bytes: int = Field(
+        512 * 2**20, ge=1, description="A shard rolls over to a new one once its image bytes reach this."
+    )
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality (ignored for PNG).")
     retry_deadline_s: float = Field(
         300.0, gt=0, description="How long one storage operation may keep retrying before the job fails."

@@ -13,12 +13,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from batchgen.encode import CONTENT_TYPES, EXTENSIONS, encode_image
+from batchgen.encode import encode_image
 from batchgen.lease import check_fence
-from batchgen.manifest import write_manifest
+from batchgen.manifest import MANIFEST_SCHEMA, write_manifest
 from batchgen.models.source import ModelFacts
-from batchgen.prompts import WORK_SCHEMA
-from batchgen.storage import Storage, object_key
+from batchgen.prompts import WORK_SCHEMA, DoneKeys, sample_key
+from batchgen.storage import Storage
+from batchgen.writers import Layout
+from batchgen.writers.files import FilesLayout
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ for _name, _type in [("truncated", pa.bool_()), ("generate_ms", pa.float64()), (
 
 SUMMARY_SCHEMA = pa.schema(
     [("manifest", pa.string()), ("ok", pa.int64()), ("errors", pa.int64()), ("skipped", pa.int64()),
-     ("first_stored_at", pa.float64())]
+     ("first_stored_at", pa.float64()), ("retried_errors", pa.int64())]
 )
 
 
@@ -91,57 +93,79 @@ class GeneratorActor:
         return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
 
 
-def image_key(row_id: str, sample_index: int, fmt: str, epoch: int) -> str:
-    """images/{2-hex shard}/{escaped id}_{sample}-e{lease epoch}.{ext}: inside the prefix, spread over shards,
-    and unique per run (one run per lease epoch), so no run ever overwrites an image another run committed."""
-    shard = hashlib.sha256(row_id.encode()).hexdigest()[:2]
-    return f"{object_key('images', shard, f'{row_id}_{sample_index}')}-e{epoch}.{EXTENSIONS[fmt]}"
+# The encode stage's output: a manifest row with its encoded image (null for error rows), and resume's tally.
+ENCODED_SCHEMA = MANIFEST_SCHEMA.append(pa.field("image", pa.binary())).append(pa.field("skipped", pa.int64()))
 
 
-class StoreStage:
-    """Encodes a batch's images, uploads them in parallel, then writes the manifest part that lists them;
-    fenced by the output's lease: a run whose lease was taken over uploads and commits nothing more."""
+class EncodeStage:
+    """Pixels to encoded image bytes, plus what the manifest records about each row (model, format, sha256)."""
 
-    def __init__(self, storage: Storage, fmt: str, quality: int, model: ModelFacts, run_id: str, epoch: int):
-        self.storage = storage
+    def __init__(self, fmt: str, quality: int, model: ModelFacts, run_id: str):
         self.fmt = fmt
         self.quality = quality
         self.model = model
         self.run_id = run_id
-        self.epoch = epoch
         self.versions = library_versions()
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        skipped = sum(r["skipped"] or 0 for r in rows if r["status"] == "tally")
-        rows = [r for r in rows if r["status"] != "tally"]
-        uploads = []
+    def encode_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for row in rows:
+            if row["status"] == "tally":
+                continue
             row.update(self.model.manifest_record(), dtype=row.get("dtype") or self.model.dtype, format=self.fmt,
                        versions=self.versions, run_id=self.run_id)
+            pixels = row.pop("pixels", None)
             if row["status"] != "ok":
                 continue
             start = time.perf_counter()
-            pixels = np.frombuffer(row.pop("pixels"), dtype=np.uint8).reshape(row["height"], row["width"], 3)
-            data = encode_image(pixels, self.fmt, self.quality)
-            key = image_key(row["id"], row["sample_index"], self.fmt, self.epoch)
-            row.update(encode_ms=(time.perf_counter() - start) * 1000, image_uri=self.storage.uri_for(key),
+            image = np.frombuffer(pixels, dtype=np.uint8).reshape(row["height"], row["width"], 3)
+            data = encode_image(image, self.fmt, self.quality)
+            row.update(image=data, encode_ms=(time.perf_counter() - start) * 1000,
                        sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
-            uploads.append((key, data, CONTENT_TYPES[self.fmt]))
+        return rows
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist(self.encode_rows(batch.to_pylist()), schema=ENCODED_SCHEMA)
+
+
+class StoreStage:
+    """Hands a batch's encoded images to the output layout's writer, then writes the manifest parts that list
+    what the writer committed. Batches of generated pixels are encoded here first (the files layout: encode and
+    upload in one task per call); shard layouts get batches the encode stage already encoded, so the blocks
+    gathered into a shard carry compressed images rather than pixels."""
+
+    def __init__(self, storage: Storage, fmt: str, quality: int, model: ModelFacts, run_id: str, epoch: int,
+                 layout: Layout | None = None, failed_before: DoneKeys | None = None):
+        self.storage = storage
+        self.encoder = EncodeStage(fmt, quality, model, run_id)
+        self.epoch = epoch
+        self.layout = layout or FilesLayout()
+        # Pairs whose only rows were errors when the run started: counting the ones stored again lets the
+        # driver keep the output's error total without re-reading the manifests.
+        self.failed_before = failed_before or DoneKeys()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        if "pixels" in batch.column_names:
+            rows = self.encoder.encode_rows(rows)
+        skipped = sum(r["skipped"] or 0 for r in rows if r["status"] == "tally")
+        rows = [r for r in rows if r["status"] != "tally"]
         if rows:
-            check_fence(self.storage, self.epoch)
-        start = time.perf_counter()
-        if uploads:
-            self.storage.put_many(uploads)
-        upload_ms = (time.perf_counter() - start) * 1000 / max(1, len(uploads))
-        stored_at = time.time() if uploads else None
-        for row in rows:
-            if row["status"] == "ok":
-                row["upload_ms"] = upload_ms
-        if rows:
-            check_fence(self.storage, self.epoch)  # the commit point: the window left is this one PUT
-        manifest = write_manifest(self.storage, rows, self.epoch) if rows else None
+            check_fence(self.storage, self.epoch)  # a run whose lease was taken over stores nothing more
+        writer = self.layout.open(self.storage, self.encoder.fmt, self.epoch)
+        try:
+            for row in rows:
+                writer.add(row, row.pop("image", None))
+            groups = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         ok = sum(r["status"] == "ok" for r in rows)
-        summary = {"manifest": manifest, "ok": ok, "errors": len(rows) - ok, "skipped": skipped,
-                   "first_stored_at": stored_at}
+        stored_at = time.time() if ok else None
+        if groups:
+            check_fence(self.storage, self.epoch)  # the commit point: the window left is these PUTs
+        manifests = [write_manifest(self.storage, group, self.epoch) for group in groups]
+        retried = sum(sample_key(r["id"], r["sample_index"]) in self.failed_before for r in rows) if len(
+            self.failed_before) else 0
+        summary = {"manifest": ",".join(manifests) or None, "ok": ok, "errors": len(rows) - ok, "skipped": skipped,
+                   "first_stored_at": stored_at, "retried_errors": retried}
         return pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA)

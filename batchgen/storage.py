@@ -8,15 +8,17 @@ import os
 import random
 import re
 import stat
+import tempfile
 import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import boto3
 from boto3.exceptions import RetriesExceededError as S3TransferRetriesExceededError
@@ -140,6 +142,15 @@ class Storage(ABC):
     def delete(self, key: str) -> None:
         """Remove the object; a missing object is not an error."""
 
+    @abstractmethod
+    def open_write(self, key: str, content_type: str | None = None) -> AbstractContextManager[BinaryIO]:
+        """A file to stream an object into, stored at `key` whole when the block exits cleanly and never
+        otherwise: large objects (shards) are written without holding them in memory."""
+
+    @abstractmethod
+    def local_copy(self, key: str) -> AbstractContextManager[Path]:
+        """A local file holding the object's bytes for the block's duration (the object itself when local)."""
+
     def exists(self, key: str) -> bool:
         return self.size(key) is not None
 
@@ -201,6 +212,26 @@ class LocalStorage(Storage):
             raise StorageError(f"create {self.uri_for(key)} failed: {exc}") from exc
         return True
 
+    @contextmanager
+    def open_write(self, key: str, content_type: str | None = None) -> Iterator[BinaryIO]:
+        path = self._path(key)
+        temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")  # hidden from `list`, renamed into place
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temp, "wb") as file:
+                yield file
+            os.replace(temp, path)
+        except OSError as exc:
+            raise StorageError(f"put {self.uri_for(key)} failed: {exc}") from exc
+        finally:
+            temp.unlink(missing_ok=True)
+
+    @contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        if self.size(key) is None:
+            raise NotFound(f"get {self.uri_for(key)}: no such object")
+        yield self._path(key)
+
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
@@ -248,7 +279,7 @@ class S3Storage(Storage):
     standard AWS environment and config files. Transient failures are retried until the deadline."""
 
     def __init__(self, bucket_and_prefix: str, *, retry_deadline_s: float = 120.0, max_workers: int = 16,
-                 list_page_size: int = 1000):
+                 list_page_size: int = 1000, multipart_threshold: int = 8 * 2**20):
         bucket, _, prefix = bucket_and_prefix.partition("/")
         if not bucket:
             raise JobConfigError(f"output URI 's3://{bucket_and_prefix}' names no bucket")
@@ -258,6 +289,7 @@ class S3Storage(Storage):
         self.retry_deadline_s = retry_deadline_s
         self.max_workers = max_workers
         self.list_page_size = list_page_size
+        self.multipart_threshold = multipart_threshold
         self._client: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -319,6 +351,33 @@ class S3Storage(Storage):
                 return False
             raise
         return True
+
+    @contextmanager
+    def open_write(self, key: str, content_type: str | None = None) -> Iterator[BinaryIO]:
+        """Spooled to a local temp file, then uploaded by boto3's managed transfer: multipart above
+        `multipart_threshold`, parts in parallel, never the whole object in memory. A failed attempt is retried
+        whole from the file until `retry_deadline_s`; S3 shows the object only once the upload completes."""
+        with tempfile.TemporaryFile(prefix="batchgen-upload-") as file:
+            yield file
+            name = self._object_key(key)
+            extra = {"ContentType": content_type} if content_type else {}
+            config = TransferConfig(multipart_threshold=self.multipart_threshold, max_concurrency=4)
+
+            def upload(s3: Any) -> None:
+                file.seek(0)
+                s3.upload_fileobj(file, self.bucket, name, ExtraArgs=extra, Config=config)
+
+            try:
+                self._call("upload", key, upload)
+            except S3TransferRetriesExceededError as exc:
+                raise StorageError(f"upload {self.uri_for(key)} failed: {exc}") from exc
+
+    @contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="batchgen-get-") as directory:
+            path = Path(directory) / "object"
+            self.download(key, path)
+            yield path
 
     def get(self, key: str) -> bytes:
         name = self._object_key(key)

@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the generator actor")
     parser.add_argument("--read-ahead-calls", type=int, default=None,
                         help="compute.read_ahead_calls (default: the spec's); 1000000 = the reader unbounded")
+    parser.add_argument("--layout", default="files", choices=["files", "webdataset", "parquet"],
+                        help="output.layout (shards of 1,000 samples)")
     parser.add_argument("--keep", action="store_true", help="keep the generated images and manifests")
     parser.add_argument("--max-other-cores", type=float, default=0.3)
     args = parser.parse_args()
@@ -67,6 +69,7 @@ def main() -> None:
         spec = job(model_dir, str(prompts_path), str(output), steps=args.steps, px=args.px, guidance=args.guidance,
                    batch_size=args.batch_size, threads=args.threads,
                    **({"read_ahead_calls": args.read_ahead_calls} if args.read_ahead_calls else {}))
+        spec["output"]["layout"] = args.layout
         path = write_spec(work / f"job-{n}.yaml", spec)
         commands.append(f".venv/bin/batchgen run {path.relative_to(OUT.parent.parent)}")
         quiet = wait_quiet(args.max_other_cores)
@@ -93,10 +96,11 @@ def main() -> None:
     data = {"bench": "orchestration", "machine": machine(), "args": vars(args), "commands": commands,
             "runs": results, "steady_rows_per_s_between_largest_two": steady}
     name = "orchestration" if args.read_ahead_calls is None else f"orchestration-read-ahead-{args.read_ahead_calls}"
+    name += "" if args.layout == "files" else f"-{args.layout}"
     out = save(name, data)
     print()
     print(f"tiny model, {args.px}x{args.px} px, {args.steps} step, guidance {args.guidance}, batch {args.batch_size}, "
-          f"PNG to local disk; {os.cpu_count()} cores")
+          f"PNG to local disk, layout {args.layout}; {os.cpu_count()} cores")
     print(table(results, [("rows", "rows", "d"), ("load1", "load1", ".2f"), ("other_cores", "other cores", ".2f"),
                           ("wall_s", "wall s", ".1f"), ("rows_per_s", "rows/s", ".0f"),
                           ("driver", "driver MiB", ".0f"), ("generator actor", "actor MiB", ".0f"),

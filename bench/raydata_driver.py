@@ -31,7 +31,7 @@ def rss_mib() -> float:
 
 
 def one(rows: int, rows_per_call: int, rows_per_read: int, rows_per_task: int, row_ms: float,
-        read_ahead_rows: int) -> dict:
+        read_ahead_rows: int, windows: int = 1) -> dict:
     import pyarrow as pa
     import ray
 
@@ -68,19 +68,34 @@ def one(rows: int, rows_per_call: int, rows_per_read: int, rows_per_task: int, r
         return pa.table({"ok": [batch.num_rows]})
 
     tasks = [{"start": s, "n": min(rows_per_task, rows - s)} for s in range(0, rows, rows_per_task)]
-    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    ds = ds.map_batches(read_prompt_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                        compute=ray.data.TaskPoolStrategy(size=min(2, len(tasks))))
-    ds = ds.repartition(target_num_rows_per_block=rows_per_call)
-    ds = ds.map_batches(GeneratorActor, batch_size=rows_per_call, batch_format="pyarrow", num_cpus=0.5,
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1))
-    ds = ds.map_batches(store, batch_size=None, batch_format="pyarrow", num_cpus=0.25)
+
+    def execution(window: list[dict]):
+        ds = ray.data.from_items(window, override_num_blocks=len(window))
+        ds = ds.map_batches(read_prompt_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                            compute=ray.data.TaskPoolStrategy(size=min(2, len(window))))
+        ds = ds.repartition(target_num_rows_per_block=rows_per_call)
+        ds = ds.map_batches(GeneratorActor, batch_size=rows_per_call, batch_format="pyarrow", num_cpus=0.5,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1))
+        return ds.map_batches(store, batch_size=None, batch_format="pyarrow", num_cpus=0.25)
+
+    # --windows N: the rows as N consecutive executions (each its own Ray Data run and actor pool) in this
+    # driver; a window switch costs the gap between one execution's last output and the next one's first.
+    per_window = -(-len(tasks) // windows)
     sampler = threading.Thread(target=sample, daemon=True)
     start_rss = rss_mib()
     start = time.perf_counter()
     sampler.start()
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        done[0] += sum(batch.column("ok").to_pylist())
+    gaps = []
+    last_output = None
+    for w in range(0, len(tasks), per_window):
+        first = True
+        for batch in execution(tasks[w : w + per_window]).iter_batches(batch_size=None, batch_format="pyarrow"):
+            now = time.perf_counter()
+            if first and last_output is not None:
+                gaps.append(round(now - last_output, 2))
+            first = False
+            last_output = now
+            done[0] += sum(batch.column("ok").to_pylist())
     wall = time.perf_counter() - start
     stop.set()
     sampler.join()
@@ -89,7 +104,8 @@ def one(rows: int, rows_per_call: int, rows_per_read: int, rows_per_task: int, r
     for f in FRACTIONS:
         at = [rss for n, rss in samples if n >= f * rows]
         curve.append(round(at[0]) if at else None)
-    return {"rows": rows, "wall_s": round(wall, 1), "rows_per_s": round(rows / wall),
+    return {"rows": rows, "windows": windows, "window_switch_gaps_s": gaps, "wall_s": round(wall, 1),
+            "rows_per_s": round(rows / wall),
             "calls": -(-rows // rows_per_call), "rss_before_mib": round(start_rss), "rss_curve_mib": curve,
             "peak_rss_mib": round(status_mib(os.getpid()) or 0.0)}
 
@@ -105,12 +121,14 @@ def main() -> None:
     parser.add_argument("--read-ahead-rows", type=int, default=0,
                         help="install batchgen.readahead.ReadAheadCap with this cap (batchgen's default for one "
                         "actor and 256-row calls: 4096); 0 = Ray Data alone")
+    parser.add_argument("--windows", type=int, default=1,
+                        help="run the rows as this many consecutive Ray Data executions in one driver")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--max-other-cores", type=float, default=0.3)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one, args.rows_per_call, args.rows_per_read, args.rows_per_task, args.row_ms,
-                             args.read_ahead_rows)))
+                             args.read_ahead_rows, args.windows)))
         return
     results = []
     for rows in args.rows:
@@ -118,7 +136,8 @@ def main() -> None:
         before = load1()
         cmd = [sys.executable, __file__, "--one", str(rows), "--rows-per-call", str(args.rows_per_call),
                "--rows-per-read", str(args.rows_per_read), "--rows-per-task", str(args.rows_per_task),
-               "--row-ms", str(args.row_ms), "--read-ahead-rows", str(args.read_ahead_rows)]
+               "--row-ms", str(args.row_ms), "--read-ahead-rows", str(args.read_ahead_rows),
+               "--windows", str(args.windows)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         result["load1"] = before
@@ -130,12 +149,14 @@ def main() -> None:
           f"{args.read_ahead_rows or 'none'}; driver RSS MiB")
     rows_out = [{**r, **{f"at {int(f * 100)}%": v for f, v in zip(FRACTIONS, r["rss_curve_mib"], strict=True)}}
                 for r in results]
-    print(table(rows_out, [("rows", "rows", "d"), ("wall_s", "wall s", ".1f"), ("rows_per_s", "rows/s", "d"),
+    print(table(rows_out, [("rows", "rows", "d"), ("windows", "windows", "d"), ("wall_s", "wall s", ".1f"),
+                           ("rows_per_s", "rows/s", "d"),
                            ("rss_before_mib", "before", "d")]
                 + [(f"at {int(f * 100)}%", f"at {int(f * 100)}%", "d") for f in FRACTIONS]
                 + [("peak_rss_mib", "peak", "d")]))
     name = ("raydata-driver" + (f"-{args.row_ms:g}ms" if args.row_ms else "")
-            + (f"-cap{args.read_ahead_rows}" if args.read_ahead_rows else ""))
+            + (f"-cap{args.read_ahead_rows}" if args.read_ahead_rows else "")
+            + (f"-windows{args.windows}" if args.windows > 1 else ""))
     print(f"wrote {save(name, {'machine': machine(), 'args': vars(args), 'results': results})}")
 
 

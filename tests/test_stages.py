@@ -13,8 +13,9 @@ from PIL import Image
 from batchgen.manifest import read_manifests
 from batchgen.models.source import ModelFacts
 from batchgen.prompts import WORK_SCHEMA
-from batchgen.stages import GENERATED_SCHEMA, GeneratorActor, StoreStage, image_key
+from batchgen.stages import GENERATED_SCHEMA, GeneratorActor, StoreStage
 from batchgen.storage import open_storage
+from batchgen.writers.files import image_key
 
 
 def work_row(row_id: str, status: str = "pending", **fields) -> dict:

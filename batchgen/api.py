@@ -1,0 +1,81 @@
+"""The Ray Data API: `generate(ds, spec)` maps a Dataset of prompt rows to a Dataset of images and metadata."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from batchgen.errors import JobConfigError
+from batchgen.prompts import WORK_SCHEMA, DoneKeys, InputPlan, RowReader
+from batchgen.rows import COLUMN_TARGETS, INPUT_FIELDS, Rules
+from batchgen.spec import JobSpec, SamplingSpec, load_spec
+from batchgen.stages import ENCODED_SCHEMA, EncodeStage
+
+# What `generate` yields: the manifest's columns (how each image was made) and the encoded image.
+GENERATED_IMAGES_SCHEMA = ENCODED_SCHEMA.remove(ENCODED_SCHEMA.get_field_index("skipped"))
+
+
+def generate(ds: Any, spec: JobSpec | Mapping[str, Any] | str | Path) -> Any:
+    """A lazy Dataset with one row per (id, sample) of `ds`'s rows: the manifest's columns (prompt, seed, steps,
+    scheduler, model and its sha256, status, error, sha256, bytes...) plus `image`, the encoded PNG/JPEG/WebP
+    bytes (null where `status` is "error"; `error` names the bad field and value).
+
+    `ds` needs `prompt` and `id` columns (renamed through the spec's `input.columns`: {caption: prompt}); the
+    other per-row fields of a job's input (negative_prompt, seed, guidance_scale, steps, width, height,
+    scheduler, eta, num_images) are optional, and other columns travel in `extra` (JSON). `spec` is a JobSpec,
+    its YAML path or a nested mapping of its sections; `model`, `sampling`, `compute` and `output.format` /
+    `output.quality` apply, `input.prompts` and `output.uri` do not (write the Dataset where you like).
+    Images are as the same spec's `batchgen run` makes them: seeds derive from (sampling.seed, id, sample)."""
+    from batchgen.pipeline import add_generator, cluster_totals, init_ray, prepare_model, size_compute
+
+    spec = _as_spec(spec)
+    model_options, model, rules = prepare_model(spec)
+    init_ray(spec.compute.address)
+    resources = size_compute(spec.compute, *cluster_totals())
+    ds = ds.map_batches(_work_rows, batch_format="pyarrow", num_cpus=0.25,
+                        fn_kwargs={"columns": dict(spec.input.columns), "sampling": spec.sampling, "rules": rules})
+    ds = add_generator(ds, model_options, spec.compute, resources)
+    encoder = EncodeStage(spec.output.format, spec.output.quality, model, uuid.uuid4().hex[:12])
+    return ds.map_batches(_encode, fn_kwargs={"encoder": encoder}, batch_size=None, batch_format="pyarrow",
+                          num_cpus=spec.compute.cpus_per_storage_task)
+
+
+def _as_spec(spec: JobSpec | Mapping[str, Any] | str | Path) -> JobSpec:
+    if isinstance(spec, JobSpec):
+        return spec
+    if isinstance(spec, (str, Path)):
+        return load_spec(spec)
+    return load_spec(None, dict(_dotted(spec)))
+
+
+def _dotted(tree: Mapping[str, Any], prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and key != "columns":
+            yield from _dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _work_rows(batch: pa.Table, columns: dict[str, str], sampling: SamplingSpec, rules: Rules) -> pa.Table:
+    """A batch of the user's rows -> work rows (one per sample, or an error row), as the job's reader makes."""
+    field_of = {source: target for source, target in columns.items()}
+    usable = {name for name in COLUMN_TARGETS if name in INPUT_FIELDS or name in rules.fields}
+    mapped = {field_of.get(name, name): name for name in batch.column_names if field_of.get(name, name) in usable}
+    for required in ("prompt", "id"):
+        if required not in mapped:
+            raise JobConfigError(f"generate(): the dataset has no `{required}` column (columns: {batch.column_names}); "
+                                 f"rename one with the spec's input.columns")
+    extras = [name for name in batch.column_names if field_of.get(name, name) not in usable]
+    reader = RowReader(InputPlan("", [], [], batch.num_rows, mapped, extras), sampling, batch.num_rows, DoneKeys(),
+                       rules)
+    rows = [row for raw in batch.to_pylist() for row in reader.work_rows(raw, "")]
+    return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
+
+
+def _encode(batch: pa.Table, encoder: EncodeStage) -> pa.Table:
+    rows = [row for row in encoder.encode_rows(batch.to_pylist()) if row["status"] != "tally"]
+    return pa.Table.from_pylist(rows, schema=GENERATED_IMAGES_SCHEMA)

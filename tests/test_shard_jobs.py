@@ -1,0 +1,96 @@
+"""Shard layouts end to end on a real local Ray: a WebDataset job read back by the webdataset library, and a
+driver killed while a shard upload is open, then the same command resuming."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from batchgen.manifest import manifest_parts
+from batchgen.pipeline import run_job
+from batchgen.storage import Storage, open_storage
+from tests.jobs import REPO, assert_accounted, job_spec, manifest_rows, prompts_table, run_cli, write_spec, write_table
+from tests.test_faults import kill_process_tree, pairs, wait_for
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def samples_in_listed_shards(storage: Storage, tmp_path: Path) -> Counter:
+    """(id, sample) of every sample the webdataset library reads from the shards the manifests list."""
+    import json
+
+    import webdataset as wds
+
+    shards = sorted({r["image_uri"] for r in manifest_rows(storage) if r["status"] == "ok"})
+    local = []
+    for i, uri in enumerate(shards):
+        path = tmp_path / f"shard-{i}.tar"
+        path.write_bytes(storage.get(uri[len(storage.uri) + 1 :]))
+        local.append(str(path))
+    found = Counter()
+    for sample in wds.WebDataset(local, shardshuffle=False, empty_check=False):
+        meta = json.loads(sample["json"])
+        found[meta["id"], meta["sample_index"]] += 1
+    return found
+
+
+@pytest.mark.timeout(240)
+def test_webdataset_job_writes_full_shards_that_inspect_verifies(tiny_model_dir, tmp_path):
+    prompts = write_table(tmp_path / "p.parquet", prompts_table(20))
+    out = tmp_path / "out"
+    summary = run_job(job_spec(tiny_model_dir, str(prompts), str(out), **{
+        "output.layout": "webdataset", "output.shard_samples": 8, "compute.batch_size": 4}))
+    storage = open_storage(str(out))
+    final = assert_accounted(storage, pairs(20))
+    assert summary["images_ok"] == 20
+    per_shard = Counter(r["image_uri"] for r in final.values())
+    assert sorted(per_shard.values()) == [4, 8, 8], "shards of shard_samples rows, the tail last"
+    assert len(manifest_parts(storage)) == 3 and len(list(storage.list("shards/"))) == 3
+    assert not list(storage.list("images/"))
+    assert samples_in_listed_shards(storage, tmp_path) == Counter(pairs(20))
+    assert run_cli("inspect", str(out)).returncode == 0
+
+
+@pytest.mark.timeout(420)
+def test_driver_killed_while_a_shard_is_open_then_rerun_lists_every_row_once(
+    tiny_model_dir, s3_server, s3_bucket, tmp_path
+):
+    rows = 24
+    prompts = write_table(tmp_path / "p.parquet", prompts_table(rows))
+    output = f"s3://{s3_bucket}/out"
+    spec = write_spec(tmp_path / "job.yaml", job_spec(tiny_model_dir, str(prompts), output, **{
+        "output.layout": "webdataset", "output.shard_samples": 4, "output.retry_deadline_s": 120,
+        "sampling.steps": 6, "compute.batch_size": 4}))
+    storage = open_storage(output, retry_deadline_s=60)
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    command = [sys.executable, "-m", "batchgen", "run", str(spec)]
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as sink:
+        driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        wait_for(lambda: manifest_parts(storage) or driver.poll() is not None, 240, "a committed shard", 0.1)
+        s3_server.stop(keep_objects=True)
+        # A store task is inside a shard's upload (retrying): the shard is open when the driver dies.
+        wait_for(lambda: "shards/" in log.read_text() and "retrying in" in log.read_text(), 120,
+                 "a shard upload retrying")
+    finally:
+        survivors = kill_process_tree(driver)
+        s3_server.start()
+    assert driver.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    assert not survivors
+    before = assert_accounted(storage, pairs(rows), finished=False)
+    assert 0 < len(before) < rows
+
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    final = assert_accounted(storage, pairs(rows))
+    assert all(r["status"] == "ok" for r in final.values())
+    assert all(before[key]["image_uri"] == final[key]["image_uri"] for key in before), "a committed shard was redone"
+    assert samples_in_listed_shards(storage, tmp_path) == Counter(pairs(rows)), "every row once across shards"
