@@ -30,7 +30,7 @@ BASE = {"output.format": "webp", "output.quality": 90}
 # A different valid value for fields whose type alone does not give one.
 CHANGED = {"sampling.scheduler": "euler", "sampling.width": 40, "sampling.height": 40, "model.dtype": "bfloat16",
            "model.device": "cuda", "model.revision": "v2", "output.format": "jpeg",
-           "input.columns": {"prompt": "prompt"}}
+           "input.columns": {"prompt": "prompt"}, "output.layout": "webdataset"}
 
 
 # Fields this file's sd15 model cannot take, each refused by name in the test given.

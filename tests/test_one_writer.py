@@ -92,7 +92,7 @@ def test_ctrl_c_exits_130_saying_how_to_resume_and_releases_the_lease(tiny_model
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_run_leased", interrupted)
+    monkeypatch.setattr(pipeline, "start_ray", interrupted)  # the lease is held from here on
     result = CliRunner().invoke(main, ["run", str(write_spec(tmp_path / "job.yaml",
                                                              job_spec(tiny_model_dir, str(prompts), str(out))))])
     assert result.exit_code == 130
