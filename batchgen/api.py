@@ -70,7 +70,7 @@ def _work_rows(batch: pa.Table, columns: dict[str, str], sampling: SamplingSpec,
             raise JobConfigError(f"generate(): the dataset has no `{required}` column (columns: {batch.column_names}); "
                                  f"rename one with the spec's input.columns")
     extras = [name for name in batch.column_names if field_of.get(name, name) not in usable]
-    reader = RowReader(InputPlan("", [], [], batch.num_rows, mapped, extras), sampling, batch.num_rows, DoneKeys(),
+    reader = RowReader(InputPlan("", [], [], batch.num_rows, mapped, extras, {}), sampling, batch.num_rows, DoneKeys(),
                        rules)
     rows = [row for raw in batch.to_pylist() for row in reader.work_rows(raw, "")]
     return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)

@@ -149,12 +149,12 @@ class StoreStage:
             rows = self.encoder.encode_rows(rows)
         skipped = sum(r["skipped"] or 0 for r in rows if r["status"] == "tally")
         rows = [r for r in rows if r["status"] != "tally"]
-        if rows:
-            check_fence(self.storage, self.epoch)  # a run whose lease was taken over stores nothing more
         writer = self.layout.open(self.storage, self.encoder.fmt, self.epoch)
         try:
             for row in rows:
                 writer.add(row, row.pop("image", None))
+            if rows:
+                check_fence(self.storage, self.epoch)  # a run whose lease was taken over uploads nothing more
             groups = writer.close()
         except BaseException:
             writer.abort()
