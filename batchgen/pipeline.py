@@ -1,4 +1,5 @@
-"""Job assembly: plan (no Ray), then a lazy Ray Data pipeline read -> generate -> encode+store -> summary."""
+"""Job assembly: plan (no Ray), then a lazy Ray Data pipeline read -> [fetch init images] -> generate ->
+encode+store -> summary."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from batchgen.errors import BatchgenError, JobConfigError
+from batchgen.fetch import ImageFetcher, fetch_images
 from batchgen.lease import OutputLease
 from batchgen.manifest import SUCCESS_KEY, committed_keys, manifest_totals, write_success
 from batchgen.models.plan import plan_model
@@ -21,7 +23,7 @@ from batchgen.models.schedulers import MODEL_SCHEDULER
 from batchgen.models.source import ModelFacts
 from batchgen.prompts import DoneKeys, InputPlan, ReadTask, RowReader, all_done, plan_input
 from batchgen.resume import FINGERPRINT_KEY, check_fingerprint, fingerprint, with_placement
-from batchgen.rows import Rules
+from batchgen.rows import IMAGE_FIELDS, Rules
 from batchgen.spec import ComputeSpec, JobSpec, SamplingSpec, dump_spec
 from batchgen.stages import GeneratorActor, StoreStage, below_generators
 from batchgen.storage import Storage, open_storage
@@ -122,6 +124,12 @@ def build_dataset(plan: JobPlan, resources: Resources, storage: Storage, done: D
     # Small tables arrive as one block: split so every actor gets work; a call carries batches_per_call batches.
     rows_per_call = spec.compute.batch_size * spec.compute.batches_per_call
     ds = ds.repartition(target_num_rows_per_block=rows_per_call)
+    if any(name in plan.input.columns for name in IMAGE_FIELDS):
+        fetcher = ImageFetcher(spec.output.retry_deadline_s, spec.input.fetch_workers, spec.input.max_image_bytes,
+                               spec.input.max_image_pixels)
+        ds = ds.map_batches(fetch_images, batch_size=rows_per_call, batch_format="pyarrow", num_cpus=0.25,
+                            fn_kwargs={"fetcher": fetcher, "nice": nice},
+                            compute=ray.data.TaskPoolStrategy(size=spec.input.fetch_tasks))
     ds = ds.map_batches(
         GeneratorActor,
         fn_constructor_kwargs={"model_options": plan.model_options, "batch_size": spec.compute.batch_size,
