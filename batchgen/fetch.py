@@ -11,6 +11,7 @@ as it does for outputs: every row would otherwise become an error.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -24,7 +25,7 @@ from PIL import Image
 
 from batchgen.errors import RowError, StorageError
 from batchgen.prompts import WORK_SCHEMA
-from batchgen.rows import IMAGE_FIELDS
+from batchgen.rows import IMAGE_FIELDS, GenerationRequest
 from batchgen.storage import LocalStorage, NotFound, S3Storage, Storage, _check_key, _is_transient
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,24 @@ class ImageFetcher:
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise RowError(name, uri, f"must be a readable image ({type(e).__name__}: {e})") from None
         return Fetched(decoded.tobytes(), (height, width), hashlib.sha256(data).hexdigest())
+
+
+def request_with_images(req: GenerationRequest, fetcher: ImageFetcher | None = None) -> GenerationRequest:
+    """The request of a manifest row (manifest.request_from_row) with the images it names fetched, so the row
+    regenerates its image; raises the RowError its row would get (bytes from an input table are not refetched)."""
+    fetcher = fetcher or ImageFetcher()
+    values = {}
+    for name in IMAGE_FIELDS:
+        uri = getattr(req, name)
+        if uri is not None:
+            result = fetcher._fetch(name, uri, None)
+            if isinstance(result, RowError):
+                raise result
+            recorded = getattr(req, f"{name}_sha256")
+            if recorded is not None and recorded != result.sha256:
+                raise RowError(name, uri, f"must be the image the manifest records (sha256 {recorded[:12]}...)")
+            values.update({f"{name.removesuffix('_image')}_pixels": result.pixels, f"{name}_size": result.size})
+    return dataclasses.replace(req, **values)
 
 
 def fetch_images(batch: pa.Table, fetcher: ImageFetcher, nice: int) -> pa.Table:
