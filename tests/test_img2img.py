@@ -175,3 +175,33 @@ def test_inpainting_model_needs_image_and_mask(tiny_inpaint_model):
     assert "`init_image` must be set: a stable-diffusion inpainting model needs" in results[0].error
     assert "`mask_image` must be set" in results[1].error
     assert results[2].ok
+
+
+@pytest.mark.parametrize(("pipeline_name", "scheduler_name", "whole_steps"), [
+    ("StableDiffusionImg2ImgPipeline", "HeunDiscreteScheduler", True),
+    ("StableDiffusionXLImg2ImgPipeline", "EulerDiscreteScheduler", True),
+    ("StableDiffusion3Img2ImgPipeline", "FlowMatchEulerDiscreteScheduler", False),
+])
+def test_strength_cuts_timesteps_as_each_family_pipeline_does(pipeline_name, scheduler_name, whole_steps):
+    """The family-independent cut (img2img.strength_timesteps) against each pipeline's own `get_timesteps`, with the
+    rule each family takes: SD and SDXL keep int(steps x strength) steps, SD3 does not truncate the count."""
+    import types
+
+    import diffusers
+
+    from batchgen.models.img2img import strength_timesteps
+
+    pipeline = getattr(diffusers, pipeline_name)
+    cut = 0
+    for steps in (1, 3, 4, 7, 10, 25):
+        for strength in (0.05, 0.3, 0.31, 0.5, 0.75, 0.99, 1.0):
+            theirs = getattr(diffusers, scheduler_name)()
+            theirs.set_timesteps(steps)
+            expected, _ = pipeline.get_timesteps(types.SimpleNamespace(scheduler=theirs), steps, strength, "cpu")
+            ours = getattr(diffusers, scheduler_name)()
+            ours.set_timesteps(steps)
+            got = strength_timesteps(ours, steps, strength, whole_steps)
+            assert torch.equal(got, expected), (steps, strength)
+            assert ours.begin_index == theirs.begin_index
+            cut += len(got) < len(ours.timesteps)
+    assert cut > 10
