@@ -92,9 +92,11 @@ class StableDiffusionAdapter(FamilyAdapter):
         self.mask_channels = self.unet.config.in_channels != self.latent_channels
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.rules = dataclasses.replace(family.rules(self.vae_scale_factor), inpaint_only=self.mask_channels)
-        # The processors diffusers' inpainting pipeline gives this model (its image processor is img2img's too).
-        processors = pipe if hasattr(pipe, "mask_processor") else StableDiffusionInpaintPipeline.from_pipe(pipe)
-        self.image_processor, self.mask_processor = processors.image_processor, processors.mask_processor
+        # The processors diffusers' inpainting pipeline makes for this model (its image processor is img2img's too).
+        # Not `from_pipe`: it would cast the shared modules to float32.
+        if not hasattr(pipe, "mask_processor"):
+            pipe = StableDiffusionInpaintPipeline(**{**pipe.components, "requires_safety_checker": False})
+        self.image_processor, self.mask_processor = pipe.image_processor, pipe.mask_processor
         self.max_prompt_tokens = self.tokenizer.model_max_length
         self.vae_batch_size = vae_batch_size
         self.channels_last, self.denoiser = prepare_denoiser(self.unet, self.vae, channels_last, compile_denoiser)
