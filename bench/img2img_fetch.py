@@ -91,27 +91,34 @@ def main() -> None:
             quiet = wait_quiet(args.max_other_cores)
             row = {"repeat": r, "load1_before": load1(), "other_cores_before": quiet}
             other = 0.0
-            for mode in ("text", "img2img"):
-                runs, model_time = {}, {}
-                for n in (args.small, args.large):
+            runs: dict[str, dict] = {"text": {}, "img2img": {}}
+            model_time: dict[str, dict] = {"text": {}, "img2img": {}}
+            # The modes alternate run by run, so a change in the machine's load hits both.
+            for n in (args.small, args.large):
+                for mode in ("text", "img2img"):
                     spec = job(model_dir, f"s3://{bucket}/{mode}-{n}.parquet", f"s3://{bucket}/runs/{r}-{mode}-{n}",
                                steps=args.steps, px=args.px, guidance=args.guidance, batch_size=args.batch_size,
                                threads=args.threads)
                     path = write_spec(work / f"job-{mode}-{n}.yaml", spec)
                     commands.add(f".venv/bin/batchgen run {path.relative_to(OUT.parent.parent)}")
-                    env = moto.env
-                    runs[n] = run_batchgen(path, env=env, monitor_interval_s=1.0, extra_pids=[moto.process.pid])
-                    assert runs[n].summary["images_ok"] == n, runs[n].summary
-                    model_time[n] = model_ms(f"s3://{bucket}/runs/{r}-{mode}-{n}", env) / 1000
-                    other = max(other, runs[n].other_cores)
-                small, large = runs[args.small], runs[args.large]
+                    run = run_batchgen(path, env=moto.env, monitor_interval_s=1.0, extra_pids=[moto.process.pid])
+                    assert run.summary["images_ok"] == n, run.summary
+                    runs[mode][n] = run
+                    model_time[mode][n] = model_ms(f"s3://{bucket}/runs/{r}-{mode}-{n}", moto.env) / 1000
+                    other = max(other, run.other_cores)
+            for mode in ("text", "img2img"):
+                small, large = runs[mode][args.small], runs[mode][args.large]
                 steady = (args.large - args.small) / (large.wall_s - small.wall_s)
-                model_s_per_image = (model_time[args.large] - model_time[args.small]) / (args.large - args.small)
+                extra_model_s = model_time[mode][args.large] - model_time[mode][args.small]
+                model_s_per_image = extra_model_s / (args.large - args.small)
                 row[f"{mode}_steady_images_s"] = steady
                 row[f"{mode}_model_busy"] = model_s_per_image * steady
                 row[f"{mode}_model_ms_per_image"] = 1000 * model_s_per_image
+                # Within the large run alone: model time over the run's wall time (start-up included, so lower).
+                row[f"{mode}_large_run_model_share"] = model_time[mode][args.large] / large.wall_s
                 row[f"{mode}_cpu_ms_per_image_by_role"] = per_image_cpu(small, large, args.large - args.small)
             row["busy_ratio"] = row["img2img_model_busy"] / row["text_model_busy"]
+            row["large_run_share_ratio"] = row["img2img_large_run_model_share"] / row["text_large_run_model_share"]
             row["other_cores_max"] = round(other, 2)
             busy = row["other_cores_max"] > args.max_busy_cores
             (rejected if busy else repeats).append(row)
@@ -123,7 +130,8 @@ def main() -> None:
 
     repeats = quiet_repeats(repeats, rejected)
     keys = ("text_steady_images_s", "img2img_steady_images_s", "text_model_busy", "img2img_model_busy", "busy_ratio",
-            "text_model_ms_per_image", "img2img_model_ms_per_image")
+            "text_model_ms_per_image", "img2img_model_ms_per_image", "text_large_run_model_share",
+            "img2img_large_run_model_share", "large_run_share_ratio")
     result = {"bench": "img2img-fetch", "machine": machine(), "args": vars(args), "init_image_bytes": init_bytes,
               "commands": sorted(commands), "repeats": repeats, "rejected_busy": rejected,
               "median": {k: median([row[k] for row in repeats]) for k in keys}}
@@ -136,7 +144,10 @@ def main() -> None:
     print(table(repeats, [("repeat", "repeat", "d"), ("other_cores_max", "other cores", ".2f"),
                           ("text_steady_images_s", "t2i img/s", ".2f"), ("img2img_steady_images_s", "i2i img/s", ".2f"),
                           ("text_model_busy", "t2i model busy", ".3f"), ("img2img_model_busy", "i2i model busy", ".3f"),
-                          ("busy_ratio", "i2i/t2i busy", ".3f"), ("text_model_ms_per_image", "t2i model ms", ".0f"),
+                          ("busy_ratio", "i2i/t2i busy", ".3f"),
+                          ("text_large_run_model_share", "t2i share (large run)", ".3f"),
+                          ("img2img_large_run_model_share", "i2i share (large run)", ".3f"),
+                          ("text_model_ms_per_image", "t2i model ms", ".0f"),
                           ("img2img_model_ms_per_image", "i2i model ms", ".0f")]))
     roles = sorted({role for row in repeats for mode in ("text", "img2img")
                     for role in row[f"{mode}_cpu_ms_per_image_by_role"]})
