@@ -37,7 +37,7 @@ class Rules:
     strength: float = 0.8  # default img2img strength (diffusers' img2img pipeline default for the family)
     inpaint_strength: float = 1.0  # default inpainting strength (diffusers' inpainting pipeline default)
     whole_strength_steps: bool = True  # img2img keeps int(steps * strength) steps (SD, SDXL); SD3 does not truncate
-    inpaint_only: bool = False  # an inpainting checkpoint (9-channel UNet): every row needs init_image and mask
+    needs: tuple[str, ...] = ()  # fields every row must set (an inpainting or img2img-only checkpoint's images)
 
 
 def _is_int(value: Any) -> bool:
@@ -342,11 +342,10 @@ def check_together(values: dict[str, Any], rules: Rules) -> None:
     for f in FIELDS:
         if f.requires and f.name in rules.fields and values.get(f.name) is not None and values.get(f.requires) is None:
             raise RowError(f.name, values[f.name], f"must be null when `{f.requires}` is")
-    if rules.inpaint_only and "init_image" in rules.fields:
-        for name in IMAGE_FIELDS:
-            if values.get(name) is None:
-                raise RowError(name, None, f"must be set: a {rules.family} inpainting model needs init_image and "
-                               "mask_image")
+    for name in rules.needs:
+        if values.get(name) is None:
+            raise RowError(name, None, f"must be set: this {rules.family} checkpoint needs {' and '.join(rules.needs)}"
+                           " on every row")
     strength, steps = values.get("strength"), values.get("steps")
     if "strength" in rules.fields and values.get("init_image") is not None and strength is None:
         raise RowError("strength", None, "must be set for a row with an init_image")

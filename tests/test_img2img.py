@@ -172,7 +172,8 @@ def test_inpainting_model_needs_image_and_mask(tiny_inpaint_model):
     text_only = GenerationRequest(prompt="a fox", seed=1, steps=STEPS, width=SIZE, height=SIZE)
     results = Engine(tiny_inpaint_model).generate([text_only, request(0.75, seed=2),
                                                    request(0.75, seed=3, mask=mask_image())])
-    assert "`init_image` must be set: a stable-diffusion inpainting model needs" in results[0].error
+    needs = "`init_image` must be set: this stable-diffusion checkpoint needs init_image and mask_image"
+    assert needs in results[0].error
     assert "`mask_image` must be set" in results[1].error
     assert results[2].ok
 

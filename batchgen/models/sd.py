@@ -34,7 +34,7 @@ from batchgen.models.img2img import (
     strength_timesteps,
 )
 from batchgen.models.schedulers import step_kwargs
-from batchgen.rows import GenerationRequest
+from batchgen.rows import IMAGE_FIELDS, GenerationRequest
 
 
 @dataclass
@@ -91,7 +91,8 @@ class StableDiffusionAdapter(FamilyAdapter):
         # An inpainting UNet takes the mask and the masked image's latents next to the latents (9 channels).
         self.mask_channels = self.unet.config.in_channels != self.latent_channels
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.rules = dataclasses.replace(family.rules(self.vae_scale_factor), inpaint_only=self.mask_channels)
+        needs = IMAGE_FIELDS if self.mask_channels else ()
+        self.rules = dataclasses.replace(family.rules(self.vae_scale_factor), needs=needs)
         # The processors diffusers' inpainting pipeline makes for this model (its image processor is img2img's too).
         # Not `from_pipe`: it would cast the shared modules to float32.
         if not hasattr(pipe, "mask_processor"):

@@ -13,9 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from batchgen.models.adapter import Conditioning, EncodedText, FamilyAdapter, guide, row_generators
 from batchgen.models.families import Family
+from batchgen.models.img2img import encode_latents, has_init_image, preprocess, source_images, strength_timesteps
 from batchgen.models.schedulers import make_scheduler, step_kwargs
 from batchgen.models.sd import decode_latents, prepare_denoiser
 from batchgen.rows import GenerationRequest
@@ -61,8 +63,8 @@ class StableDiffusionXLAdapter(FamilyAdapter):
         self.refiner_start = refiner_start
         self.vae = (refiner or pipe).vae  # the last expert decodes
         self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        self.rules = family.rules(self.vae_scale_factor, refined=refiner is not None)
-        self.max_prompt_tokens = pipe.tokenizer.model_max_length
+        self.rules = family.rules(self.vae_scale_factor, refined=refiner is not None, pipeline=type(pipe).__name__)
+        self.max_prompt_tokens = (pipe.tokenizer or pipe.tokenizer_2).model_max_length
         self.vae_batch_size = vae_batch_size
         self.channels_last, self.denoiser = prepare_denoiser(self.unet, pipe.vae, channels_last, compile_denoiser)
         if refiner is not None:
@@ -76,9 +78,16 @@ class StableDiffusionXLAdapter(FamilyAdapter):
     @torch.inference_mode()
     def encode_text(self, keys: list[TextKey]) -> EncodedText:
         first, second = [k[0] for k in keys], [k[1] for k in keys]
+        dtype = self.pipe.text_encoder_2.dtype
+        if self.pipe.text_encoder is None:
+            # A refiner on its own: diffusers pairs its one tokenizer with the first text of each pair.
+            hidden, pooled, truncated_1 = _encode(self.pipe.tokenizer_2, self.pipe.text_encoder_2, first)
+            cond = {"prompt_embeds": hidden.to(dtype), "pooled": pooled.to(dtype)}
+            if self.force_zeros:
+                _zero_empty(cond, first, ("prompt_embeds", "pooled"))
+            return EncodedText(cond, truncated_1)
         hidden_1, _, truncated_1 = _encode(self.pipe.tokenizer, self.pipe.text_encoder, first)
         hidden_2, pooled, truncated_2 = _encode(self.pipe.tokenizer_2, self.pipe.text_encoder_2, second)
-        dtype = self.pipe.text_encoder_2.dtype
         cond = {"prompt_embeds": torch.cat([hidden_1, hidden_2], dim=-1).to(dtype), "pooled": pooled.to(dtype)}
         if self.force_zeros:
             _zero_empty(cond, first, ("prompt_embeds", "pooled"))
@@ -95,9 +104,10 @@ class StableDiffusionXLAdapter(FamilyAdapter):
         """(unconditional, conditional) time ids, one row per image. The base's unconditional ids equal its
         conditional ones; the refiner's carry the negative aesthetic score and no crop, as in diffusers."""
         cond, uncond = [], []
+        expert = self.refiner if refiner else self.pipe
         for r in rows:
             size, crop, target = r.value("original_size"), r.value("crops_coords_top_left"), r.value("target_size")
-            if refiner and self.refiner.config.requires_aesthetics_score:
+            if getattr(expert.config, "requires_aesthetics_score", False):
                 cond.append([*size, *crop, r.aesthetic_score])
                 uncond.append([*size, 0, 0, r.negative_aesthetic_score])
             else:
@@ -137,13 +147,16 @@ class StableDiffusionXLAdapter(FamilyAdapter):
         # 1. The base, to the refiner's start when there is one.
         scheduler = self.make_scheduler(first.scheduler, device, first.steps)
         generators = row_generators(rows)
-        latents = self.initial_latents(rows, self.unet.config.in_channels, generators, device, dtype,
-                                       scheduler.init_noise_sigma)
-        timesteps = scheduler.timesteps
-        if self.refiner is not None:
-            timesteps = timesteps[: int((timesteps >= _cutoff(scheduler, self.refiner_start)).sum())]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
+        if has_init_image(rows):
+            timesteps, latents = self._img2img_start(rows, scheduler, generators, dtype)
+        else:
+            latents = self.initial_latents(rows, self.unet.config.in_channels, generators, device, dtype,
+                                           scheduler.init_noise_sigma)
+            timesteps = scheduler.timesteps
+            if self.refiner is not None:
+                timesteps = timesteps[: int((timesteps >= _cutoff(scheduler, self.refiner_start)).sum())]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(0)
         latents = self._run(self.denoiser, scheduler, timesteps, latents, rows,
                             (uncond["prompt_embeds"], cond["prompt_embeds"]), (uncond["pooled"], cond["pooled"]),
                             False, generators)
@@ -151,6 +164,17 @@ class StableDiffusionXLAdapter(FamilyAdapter):
         if self.refiner is not None:
             latents = self._refine(rows, latents, cond, uncond)
         return decode_latents(self.vae, latents, self.vae_batch_size)
+
+    def _img2img_start(self, rows: list[GenerationRequest], scheduler: Any, generators: list,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """diffusers' StableDiffusionXLImg2ImgPipeline (a base or a refiner on its own): per row, the VAE sample of
+        the init image (in float32 for a `force_upcast` VAE), then the noise, added at the first kept timestep."""
+        first = rows[0]
+        images = preprocess(self.pipe.image_processor, source_images(rows), first.height, first.width)
+        timesteps = strength_timesteps(scheduler, first.steps, first.strength, self.rules.whole_strength_steps)
+        init = encode_latents(self.pipe.vae, images, generators, dtype)  # a force_upcast VAE is loaded in float32
+        noise = randn_tensor(init.shape, generator=generators, device=init.device, dtype=init.dtype)
+        return timesteps, scheduler.add_noise(init, noise, timesteps[:1].repeat(len(rows)))
 
     def _refine(self, rows: list[GenerationRequest], latents: torch.Tensor, cond: Conditioning,
                 uncond: Conditioning) -> torch.Tensor:
