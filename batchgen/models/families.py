@@ -51,8 +51,7 @@ class Family:
 
 
 SDXL_FIELDS = frozenset(("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size"))
-# SDXL img2img so far (its inpainting is not wired yet): no mask fields.
-SDXL_IMG2IMG_FIELDS = IMG2IMG_FIELDS - {"mask_image", "mask_image_sha256", "mask_image_size", "mask_pixels"}
+
 
 FAMILIES: tuple[Family, ...] = (
     Family("stable-diffusion", ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
@@ -60,10 +59,10 @@ FAMILIES: tuple[Family, ...] = (
            DISCRETE_SCHEDULERS, "batchgen.models.sd:StableDiffusionAdapter",
            needs=(("StableDiffusionInpaintPipeline", ("init_image", "mask_image")),)),
     Family("stable-diffusion-xl", ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
-           COMMON_FIELDS | SDXL_FIELDS | SDXL_IMG2IMG_FIELDS, DISCRETE_SCHEDULERS,
+           COMMON_FIELDS | SDXL_FIELDS | IMG2IMG_FIELDS, DISCRETE_SCHEDULERS,
            "batchgen.models.sdxl:StableDiffusionXLAdapter",
            refiner_fields=frozenset(("aesthetic_score", "negative_aesthetic_score")),
-           refiner_pipelines=("StableDiffusionXLImg2ImgPipeline",), strength=0.3,
+           refiner_pipelines=("StableDiffusionXLImg2ImgPipeline",), strength=0.3, inpaint_strength=0.9999,
            needs=(("StableDiffusionXLImg2ImgPipeline", ("init_image",)),)),
 )
 

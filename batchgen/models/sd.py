@@ -8,8 +8,6 @@ read themselves.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,27 +24,16 @@ from batchgen.models.adapter import (
 )
 from batchgen.models.families import Family
 from batchgen.models.img2img import (
+    Start,
     encode_latents,
     has_init_image,
+    inpaint_start,
     preprocess,
-    skip_encode_draw,
     source_images,
     strength_timesteps,
 )
 from batchgen.models.schedulers import step_kwargs
 from batchgen.rows import IMAGE_FIELDS, GenerationRequest
-
-
-@dataclass
-class Start:
-    """Where a group's denoising loop starts: its timesteps and latents; for inpainting, the mask and masked-image
-    latents a 9-channel UNet reads, or the blend a 4-channel model applies after each step."""
-
-    timesteps: torch.Tensor
-    latents: torch.Tensor
-    mask: torch.Tensor | None = None
-    masked_latents: torch.Tensor | None = None
-    blend: Callable[[Any, int, torch.Tensor], torch.Tensor] | None = None
 
 
 def prepare_denoiser(unet: Any, vae: Any, channels_last: bool | None, compile_denoiser: bool) -> tuple[bool, Any]:
@@ -123,7 +110,8 @@ class StableDiffusionAdapter(FamilyAdapter):
         elif first.mask_image is None:
             start = self.img2img_start(rows, scheduler, generators)
         else:
-            start = self.inpaint_start(rows, scheduler, generators)
+            start = inpaint_start(rows, scheduler, generators, self.vae, (self.image_processor, self.mask_processor),
+                                  self.mask_channels, self.unet.dtype, self.rules.whole_strength_steps)
         latents = start.latents
         guidance = torch.tensor([float(r.guidance_scale) for r in rows], device=device, dtype=dtype).view(-1, 1, 1, 1)
         # One denoiser call of 2B rows (unconditional, then conditional); none of B when no row guides.
@@ -152,39 +140,3 @@ class StableDiffusionAdapter(FamilyAdapter):
         init = encode_latents(self.vae, images, generators, self.unet.dtype)
         noise = randn_tensor(init.shape, generator=generators, device=init.device, dtype=init.dtype)
         return Start(timesteps, scheduler.add_noise(init, noise, timesteps[:1].repeat(len(rows))))
-
-    def inpaint_start(self, rows: list[GenerationRequest], scheduler: Any, generators: list) -> Start:
-        """diffusers' StableDiffusionInpaintPipeline. Per row: the init image's VAE sample (only for a 4-channel
-        UNet or strength < 1), the noise, then the masked image's VAE sample (drawn for a 4-channel UNet too,
-        which does not use it). A 9-channel UNet reads the mask and masked-image latents; a 4-channel one has the
-        unmasked region reset to the init latents, noised to the next timestep, after every step."""
-        first = rows[0]
-        device, dtype = self.unet.device, self.unet.dtype
-        images = preprocess(self.image_processor, source_images(rows), first.height, first.width)
-        masks = preprocess(self.mask_processor, source_images(rows, mask=True), first.height, first.width)
-        timesteps = strength_timesteps(scheduler, first.steps, first.strength, self.rules.whole_strength_steps)
-        from_noise = first.strength == 1.0
-        init = None
-        if not self.mask_channels or not from_noise:
-            init = encode_latents(self.vae, images, generators, dtype)
-        factor = self.vae_scale_factor
-        shape = (len(rows), self.latent_channels, first.height // factor, first.width // factor)
-        noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
-        if from_noise:
-            latents = noise * scheduler.init_noise_sigma
-        else:
-            latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(rows)))
-        masked_images = images * (masks < 0.5)
-        mask = torch.nn.functional.interpolate(masks, size=shape[2:]).to(device=device, dtype=dtype)
-        if self.mask_channels:
-            return Start(timesteps, latents, mask=mask,
-                         masked_latents=encode_latents(self.vae, masked_images, generators, dtype))
-        skip_encode_draw(self.vae, masked_images, generators)
-
-        def blend(scheduler: Any, i: int, latents: torch.Tensor) -> torch.Tensor:
-            proper = init
-            if i < len(timesteps) - 1:
-                proper = scheduler.add_noise(init, noise, torch.tensor([timesteps[i + 1]]))
-            return (1 - mask) * proper + mask * latents
-
-        return Start(timesteps, latents, blend=blend)
