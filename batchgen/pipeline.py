@@ -1,4 +1,5 @@
-"""Job assembly: plan (no Ray), then a lazy Ray Data pipeline read -> generate -> encode+store -> summary."""
+"""Job assembly: plan (no Ray), then a lazy Ray Data pipeline read -> [fetch init images] -> generate ->
+encode+store -> summary."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from typing import Any
 import pyarrow as pa
 
 from batchgen.errors import BatchgenError, JobConfigError
+from batchgen.fetch import ImageFetcher, fetch_images
 from batchgen.models.plan import plan_model
 from batchgen.models.schedulers import MODEL_SCHEDULER
 from batchgen.models.source import ModelFacts
 from batchgen.output import JobOutput, RunTally
 from batchgen.prompts import DoneKeys, InputPlan, ReadTask, RowReader, all_done, plan_input
 from batchgen.resume import fingerprint, with_placement
-from batchgen.rows import Rules
+from batchgen.rows import IMAGE_FIELDS, Rules
 from batchgen.spec import ComputeSpec, JobSpec, SamplingSpec
 from batchgen.stages import EncodeStage, GeneratorActor, StoreStage, below_generators
 
@@ -117,6 +119,13 @@ def build_dataset(plan: JobPlan, resources: Resources, stage: StoreStage, done: 
                         fn_kwargs={"plan": plan.input, "sampling": spec.sampling, "rules": plan.rules,
                                    "rows_per_read": spec.input.rows_per_read, "done_ref": done_ref, "nice": nice},
                         compute=ray.data.TaskPoolStrategy(size=min(spec.compute.read_tasks, max(1, len(tasks)))))
+    if any(name in plan.input.columns for name in IMAGE_FIELDS):
+        # Init images and masks are fetched and decoded here, on CPU, so the generators never wait on I/O.
+        fetcher = ImageFetcher(spec.output.retry_deadline_s, spec.input.fetch_workers, spec.input.max_image_bytes,
+                               spec.input.max_image_pixels)
+        ds = ds.map_batches(fetch_images, batch_size=spec.compute.batch_size * spec.compute.batches_per_call,
+                            batch_format="pyarrow", num_cpus=0.25, fn_kwargs={"fetcher": fetcher, "nice": nice},
+                            compute=ray.data.TaskPoolStrategy(size=spec.input.fetch_tasks))
     ds = add_generator(ds, plan.model_options, spec.compute, resources)
     if spec.output.layout != "files":
         # One store call writes one shard: the generators' outputs are encoded, then gathered into shard-sized

@@ -22,11 +22,13 @@ from batchgen.rows import (
     COLUMN_TARGETS,
     FIELD,
     GROUP_FIELDS,
+    IMAGE_FIELDS,
     INPUT_FIELDS,
     MAX_IMAGES_PER_ROW,
     MAX_SEED,
     Rules,
     arrow_fields,
+    group_value,
     resolve_fields,
     to_int,
 )
@@ -38,10 +40,12 @@ logger = logging.getLogger(__name__)
 ANY_MODEL = Rules(frozenset(FIELD))
 
 # What flows from the reader to the generator: the row fields, plus `status`: pending (to generate), error
-# (invalid row) or tally (no image: one row per read batch carrying in `skipped` how many samples resume skipped).
+# (invalid row) or tally (no image: one row per read batch carrying in `skipped` how many samples resume skipped),
+# and the encoded bytes of images given in binary columns, until the fetch stage decodes them.
 WORK_SCHEMA = pa.schema(
     [("id", pa.string()), ("sample_index", pa.int64()), *arrow_fields(),
-     ("status", pa.string()), ("error", pa.string()), ("extra", pa.string()), ("skipped", pa.int64())]
+     ("status", pa.string()), ("error", pa.string()), ("extra", pa.string()), ("skipped", pa.int64()),
+     *((f"{name}_bytes", pa.binary()) for name in IMAGE_FIELDS)]
 )
 
 
@@ -314,11 +318,13 @@ class RowReader:
         """Yields WORK_SCHEMA tables, one per `rows_per_read` input rows. Rows whose (id, sample) is done are
         skipped, invalid ones too (`done` holds error rows when they are not to be retried)."""
         index = task.first_row
+        folder = task.path.rsplit("/", 1)[0]
+        folder = f"s3://{folder}" if self.plan.uri.startswith("s3://") else folder
         for batch in self._batches(task):
             out: list[dict[str, Any]] = []
             skipped = 0
             for raw in batch.to_pylist():
-                for row in self.work_rows(raw, f"{task.file_key}:{index}"):
+                for row in self.work_rows(raw, f"{task.file_key}:{index}", folder):
                     if sample_key(row["id"], row["sample_index"]) in self.done:
                         skipped += 1
                     else:
@@ -338,13 +344,20 @@ class RowReader:
         except (OSError, pa.ArrowException) as e:
             raise BatchgenError(f"cannot read Parquet file {task.path!r} (row group {task.row_group}): {e}") from None
 
-    def work_rows(self, raw: dict[str, Any], position: str) -> list[dict[str, Any]]:
-        """One input row -> one work row per sample, or a single error row naming the bad field."""
+    def work_rows(self, raw: dict[str, Any], position: str, folder: str | None = None) -> list[dict[str, Any]]:
+        """One input row -> one work row per sample, or a single error row naming the bad field. Relative image
+        paths are relative to `folder`, the folder of the row's input file."""
         values = {field: raw.get(column) for field, column in self.plan.columns.items()}
         extra = json.dumps({c: _jsonable(raw.get(c)) for c in self.plan.extra_columns}, default=str)
         raw_id = values.get("id")
         row_id = str(raw_id) if raw_id is not None else position
         base: dict[str, Any] = {"id": row_id, "extra": extra, "skipped": 0}
+        for name in IMAGE_FIELDS:
+            if isinstance(values.get(name), (bytes, bytearray)):  # the image itself: named by where it was read
+                base[f"{name}_bytes"] = bytes(values[name])
+                values[name] = f"table:{position}:{self.plan.columns[name]}"
+            elif isinstance(values.get(name), str) and folder and not _is_absolute(values[name]):
+                values[name] = f"{folder}/{values[name]}"
         try:
             count = self.sampling.num_images if values.get("num_images") is None else (
                 to_int("num_images", values["num_images"])
@@ -374,6 +387,10 @@ class RowReader:
         return resolve_fields(values, self.sampling, self.rules)
 
 
+def _is_absolute(uri: str) -> bool:
+    return "://" in uri or uri.startswith(("/", "~", "table:")) or not uri.strip()
+
+
 def _safe_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None if value is None else repr(value)[:200]
 
@@ -387,8 +404,8 @@ def describe_groups(plan: InputPlan, sampling: SamplingSpec, rules: Rules = ANY_
         with fs.open_input_file(path) as f:
             parquet = pq.ParquetFile(f)
             present = set(parquet.schema_arrow.names)
-            wanted = {field: column for field, column in plan.columns.items()
-                      if field in (*GROUP_FIELDS, "num_images") and column in present}
+            needed = (*GROUP_FIELDS, *(FIELD[g].requires for g in GROUP_FIELDS if FIELD[g].requires), "num_images")
+            wanted = {field: column for field, column in plan.columns.items() if field in needed and column in present}
             table = parquet.read(columns=list(wanted.values()))
         values = {field: table.column(column).to_pylist() for field, column in wanted.items()}
         for i in range(table.num_rows):
@@ -396,12 +413,13 @@ def describe_groups(plan: InputPlan, sampling: SamplingSpec, rules: Rules = ANY_
             count = sampling.num_images if count is None else count
             if not isinstance(count, int):
                 continue  # an error row: no images
-            row = {g: values[g][i] for g in GROUP_FIELDS if g in values}
+            row = {g: values[g][i] for g in values if g != "num_images"}
+            row.update({g: "table" for g in IMAGE_FIELDS if isinstance(row.get(g), bytes)})
             try:
                 resolved = resolve_fields({"prompt": "-", **row}, sampling, rules)
             except RowError:
                 continue  # an error row: no images
-            key = tuple(resolved[g] for g in GROUP_FIELDS)
+            key = tuple(group_value(g, resolved.get(g)) for g in GROUP_FIELDS)
             images += count
             groups[key] = groups.get(key, 0) + count
     return images, groups

@@ -34,6 +34,10 @@ class Rules:
     vae_scale_factor: int = 8
     family: str = ANY_FAMILY
     model_scheduler: str = MODEL_SCHEDULER  # the name `model` stands for: the checkpoint's configured scheduler
+    strength: float = 0.8  # default img2img strength (diffusers' img2img pipeline default for the family)
+    inpaint_strength: float = 1.0  # default inpainting strength (diffusers' inpainting pipeline default)
+    whole_strength_steps: bool = True  # img2img keeps int(steps * strength) steps (SD, SDXL); SD3 does not truncate
+    needs: tuple[str, ...] = ()  # fields every row must set (an inpainting or img2img-only checkpoint's images)
 
 
 def _is_int(value: Any) -> bool:
@@ -96,6 +100,23 @@ def _scheduler(name: str, value: Any, rules: Rules) -> None:
         raise RowError(name, value, f"must be one of {list(rules.schedulers)}{model}")
 
 
+def _uri(name: str, value: Any, rules: Rules) -> None:
+    if value is not None and (not isinstance(value, str) or not value.strip()
+                              or ("://" in value and not value.startswith(("s3://", "file://")))):
+        raise RowError(name, value, "must be a local path or s3:// URI (or image bytes in a binary column)")
+
+
+def _strength(name: str, value: Any, rules: Rules) -> None:
+    if value is None:
+        return
+    if not _is_number(value) or not 0 < value <= 1:
+        raise RowError(name, value, "must be a number in (0, 1]")
+
+
+def _recorded(name: str, value: Any, rules: Rules) -> None:
+    """Set by the fetch stage, never read from a column: nothing to check."""
+
+
 def _pair(name: str, value: Any, rules: Rules) -> None:
     if value is None:
         return
@@ -117,9 +138,10 @@ class RowField:
     doc: str
     sampling: str | None = None
     derive: Callable[[dict[str, Any]], Any] | None = None
-    group: bool = False  # rows with different values need separate denoising loops
+    group: bool | str = False  # rows with different values need separate loops; "presence": set vs null does
     manifest: bool = True  # recorded in manifest rows (provenance)
     column: bool = True  # an input column may supply it
+    requires: str | None = None  # only meaningful when this other field is set: null otherwise
 
 
 def _row_size(values: dict[str, Any]) -> tuple[int, int] | None:
@@ -154,6 +176,23 @@ FIELDS: tuple[RowField, ...] = (
     RowField("aesthetic_score", "float", 6.0, _finite, "SDXL refiner: aesthetic score of the conditional pass."),
     RowField("negative_aesthetic_score", "float", 2.5, _finite,
              "SDXL refiner: aesthetic score of the unconditional pass."),
+    # Image-to-image and inpainting. A binary column holds the image itself; its row then records
+    # `table:<file>:<row>:<column>` as the URI. The fetch stage (batchgen.fetch) sets the sha256, size and pixels.
+    RowField("init_image", "text", None, _uri, "img2img/inpainting: source image, a local path or s3:// URI "
+             "(or the image bytes in a binary column); null = text-to-image.", group="presence"),
+    RowField("strength", "float", None, _strength, "img2img/inpainting: how much noise is added to the init "
+             "image, in (0, 1]; default the family's.", group=True, requires="init_image"),
+    RowField("mask_image", "text", None, _uri, "Inpainting: mask (white = repaint), a path, s3:// URI or bytes.",
+             group="presence", requires="init_image"),
+    RowField("init_image_sha256", "text", None, _recorded, "sha256 of the init image's bytes.", column=False),
+    RowField("init_image_size", "pair", None, _pair, "(height, width) of the init image before resizing.",
+             column=False),
+    RowField("mask_image_sha256", "text", None, _recorded, "sha256 of the mask's bytes.", column=False),
+    RowField("mask_image_size", "pair", None, _pair, "(height, width) of the mask before resizing.", column=False),
+    RowField("init_pixels", "bytes", None, _recorded, "Decoded init image, RGB uint8 (height x width x 3).",
+             manifest=False, column=False),
+    RowField("mask_pixels", "bytes", None, _recorded, "Decoded mask, L uint8 (height x width).",
+             manifest=False, column=False),
 )
 FIELD = {f.name: f for f in FIELDS}
 COMMON_FIELDS = frozenset(
@@ -163,12 +202,16 @@ MANIFEST_FIELDS = tuple(f.name for f in FIELDS if f.manifest)
 # Input-only fields: a row's identity and how many samples it asks for; they never reach the model.
 INPUT_FIELDS = ("id", "num_images")
 COLUMN_TARGETS = (*INPUT_FIELDS, *(f.name for f in FIELDS if f.column))
+IMAGE_FIELDS = ("init_image", "mask_image")  # fields that name an image the fetch stage reads
+IMG2IMG_FIELDS = frozenset(("init_image", "strength", "mask_image", "init_image_sha256", "init_image_size",
+                            "mask_image_sha256", "mask_image_size", "init_pixels", "mask_pixels"))
 
 
 def arrow_type(kind: str):
     import pyarrow as pa
 
-    return {"text": pa.string(), "int": pa.int64(), "float": pa.float64(), "pair": pa.list_(pa.int64())}[kind]
+    return {"text": pa.string(), "int": pa.int64(), "float": pa.float64(), "pair": pa.list_(pa.int64()),
+            "bytes": pa.binary()}[kind]
 
 
 def arrow_fields(names: Iterable[str] = tuple(FIELD)) -> list[tuple[str, Any]]:
@@ -177,9 +220,14 @@ def arrow_fields(names: Iterable[str] = tuple(FIELD)) -> list[tuple[str, Any]]:
     return [(f.name, arrow_type(f.kind)) for f in FIELDS if f.name in wanted]
 
 
+def group_value(name: str, value: Any) -> Any:
+    """The part of a field's value that decides which rows share a denoising loop."""
+    return (value is not None) if FIELD[name].group == "presence" else value
+
+
 def _group_key(self) -> tuple:
     """Rows with equal keys share one denoising loop."""
-    return tuple(getattr(self, name) for name in GROUP_FIELDS)
+    return tuple(group_value(name, getattr(self, name)) for name in GROUP_FIELDS)
 
 
 def _value(self, name: str) -> Any:
@@ -219,6 +267,7 @@ def validate_request(req: GenerationRequest, rules: Rules | None = None, vae_sca
     for f in FIELDS:
         if f.name in rules.fields:
             f.check(f.name, getattr(req, f.name), rules)
+    check_together(req.__dict__, rules)
 
 
 # Converting input values (Parquet gives ints for float columns, floats for int columns, lists for pairs).
@@ -247,7 +296,8 @@ def to_pair(name: str, value: Any) -> tuple[int, int]:
 
 
 # A text value is not converted: the field's check names a non-string.
-CONVERT = {"text": lambda name, value: value, "int": to_int, "float": to_float, "pair": to_pair}
+CONVERT = {"text": lambda name, value: value, "int": to_int, "float": to_float, "pair": to_pair,
+           "bytes": lambda name, value: value}
 
 
 def resolve_fields(values: dict[str, Any], sampling: Any, rules: Rules) -> dict[str, Any]:
@@ -271,7 +321,34 @@ def resolve_fields(values: dict[str, Any], sampling: Any, rules: Rules) -> dict[
     for f in FIELDS:
         if f.derive is not None and f.name in out and out[f.name] is None:
             out[f.name] = f.derive(out)
+    if out.get("init_image") is not None and out.get("strength") is None:
+        out["strength"] = rules.inpaint_strength if out.get("mask_image") is not None else rules.strength
     for f in FIELDS:
         if f.name in out:
             f.check(f.name, out[f.name], rules)
+    check_together(out, rules)
     return out
+
+
+def denoising_start(steps: int, strength: float, whole_steps: bool = True) -> int:
+    """Index of the first of `steps` scheduler steps an img2img row runs, as diffusers' img2img pipelines cut it:
+    SD and SDXL keep int(steps * strength) steps; SD3 keeps steps * strength and truncates the start instead."""
+    kept = min(steps * strength, steps)
+    return max(steps - int(kept), 0) if whole_steps else int(max(steps - kept, 0))
+
+
+def check_together(values: dict[str, Any], rules: Rules) -> None:
+    """The checks that involve several fields; RowError naming the field to fix."""
+    for f in FIELDS:
+        if f.requires and f.name in rules.fields and values.get(f.name) is not None and values.get(f.requires) is None:
+            raise RowError(f.name, values[f.name], f"must be null when `{f.requires}` is")
+    for name in rules.needs:
+        if values.get(name) is None:
+            raise RowError(name, None, f"must be set: this {rules.family} checkpoint needs {' and '.join(rules.needs)}"
+                           " on every row")
+    strength, steps = values.get("strength"), values.get("steps")
+    if "strength" in rules.fields and values.get("init_image") is not None and strength is None:
+        raise RowError("strength", None, "must be set for a row with an init_image")
+    whole = rules.whole_strength_steps
+    if strength is not None and _is_int(steps) and denoising_start(steps, strength, whole) >= steps:
+        raise RowError("strength", strength, f"leaves no denoising step at {steps} steps (needs steps x strength >= 1)")

@@ -33,6 +33,16 @@ class InputSpec(Section):
     rows_per_read: int = Field(
         1024, ge=1, description="Rows read per Parquet batch; bounds the reader's memory per task."
     )
+    fetch_tasks: int = Field(
+        2, ge=1, le=1024, description="Init-image/mask fetch tasks in flight (one generator call's rows each)."
+    )
+    fetch_workers: int = Field(8, ge=1, le=256, description="Parallel image reads per fetch task.")
+    max_image_bytes: int = Field(
+        50 * 2**20, ge=1, description="Larger init images and masks become error rows (bounds fetch memory)."
+    )
+    max_image_pixels: int = Field(
+        8192 * 8192, ge=1, description="Init images and masks with more pixels become error rows (decode memory)."
+    )
 
     @field_validator("columns")
     @classmethod

@@ -90,6 +90,8 @@ class GeneratorActor:
                 row.update(status="ok", pixels=np.ascontiguousarray(result.image).tobytes())
             else:
                 row.update(status="error", error=result.error)
+        for row in rows:
+            row.update(init_pixels=None, mask_pixels=None)  # the fetched inputs: used, not stored
         return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
 
 

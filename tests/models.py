@@ -58,3 +58,15 @@ def tiny_sdxl_refined(tiny_sdxl_dir, tiny_refiner_dir):
 
     return load_model(str(tiny_sdxl_dir), device="cpu", dtype="float32",
                       refiner={"source": str(tiny_refiner_dir), "start": REFINER_START})
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "sd15-inpaint", "sd15-inpaint")
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_model(tiny_inpaint_model_dir):
+    from batchgen.models.loading import load_model
+
+    return load_model(str(tiny_inpaint_model_dir), device="cpu", dtype="float32")

@@ -12,7 +12,7 @@ from batchgen.models.families import FAMILIES
 from batchgen.models.schedulers import model_scheduler_name
 from batchgen.pipeline import prepare_model
 from batchgen.prompts import WORK_SCHEMA, DoneKeys, RowReader, plan_input
-from batchgen.rows import FIELDS, GROUP_FIELDS, GenerationRequest, arrow_type
+from batchgen.rows import FIELDS, GROUP_FIELDS, GenerationRequest, arrow_type, group_value
 from batchgen.spec import InputSpec, SamplingSpec, load_spec
 from batchgen.stages import GENERATED_SCHEMA
 from tests.jobs import prompts_table, write_table
@@ -24,9 +24,12 @@ def test_every_declared_field_reaches_schemas_request_and_columns():
     for f in FIELDS:
         assert WORK_SCHEMA.field(f.name).type == GENERATED_SCHEMA.field(f.name).type == arrow_type(f.kind)
         assert (f.name in MANIFEST_SCHEMA.names) == f.manifest
-        assert f.name in InputSpec.model_fields["columns"].description
+        assert (f.name in InputSpec.model_fields["columns"].description.split(": ", 1)[1].split(", ")) == f.column
     req = GenerationRequest(prompt="p", seed=1, steps=3, scheduler="euler")
-    assert req.group_key() == tuple(getattr(req, name) for name in GROUP_FIELDS)
+    assert req.group_key() == tuple(group_value(name, getattr(req, name)) for name in GROUP_FIELDS)
+    masked = dataclasses.replace(req, init_image="a.png", strength=0.5, mask_image="m.png")
+    assert masked.group_key() != dataclasses.replace(masked, mask_image=None).group_key()
+    assert masked.group_key() == dataclasses.replace(masked, init_image="b.png", mask_image="n.png").group_key()
     assert "steps" in GROUP_FIELDS and "guidance_scale" not in GROUP_FIELDS
 
 

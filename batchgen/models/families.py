@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchgen.models.schedulers import MODEL_SCHEDULER, SCHEDULERS
-from batchgen.rows import COMMON_FIELDS, Rules
+from batchgen.rows import COMMON_FIELDS, IMG2IMG_FIELDS, Rules
 
 DISCRETE_SCHEDULERS = (MODEL_SCHEDULER, *sorted(SCHEDULERS))
 
@@ -29,10 +29,21 @@ class Family:
     adapter: str
     refiner_fields: frozenset[str] = frozenset()  # extra row fields when a refiner follows this family's base
     refiner_pipelines: tuple[str, ...] = ()  # model_index classes accepted as this family's refiner
+    needs: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (checkpoint class, fields every row must set)
+    strength: float = 0.8  # diffusers' img2img default for the family
+    inpaint_strength: float = 1.0  # diffusers' inpainting default for the family
+    whole_strength_steps: bool = True  # img2img keeps int(steps * strength) steps (SD3: not truncated)
 
-    def rules(self, vae_scale_factor: int = 8, refined: bool = False, model_scheduler: str = MODEL_SCHEDULER) -> Rules:
-        fields = self.fields | (self.refiner_fields if refined else frozenset())
-        return Rules(fields, self.schedulers, vae_scale_factor, self.name, model_scheduler)
+    def rules(self, vae_scale_factor: int = 8, refined: bool = False, model_scheduler: str = MODEL_SCHEDULER,
+              pipeline: str | None = None) -> Rules:
+        """What rows may hold for this family; `pipeline` is the checkpoint's class (inpainting ones need masks)."""
+        alone = pipeline in self.refiner_pipelines  # a refiner on its own: an img2img model
+        fields = self.fields | (self.refiner_fields if refined or alone else frozenset())
+        if refined:
+            fields -= IMG2IMG_FIELDS  # a base followed by a refiner starts from noise
+        needs = dict(self.needs).get(pipeline, ())
+        return Rules(fields, self.schedulers, vae_scale_factor, self.name, model_scheduler, self.strength,
+                     self.inpaint_strength, self.whole_strength_steps, needs)
 
     def adapter_class(self) -> Any:
         module, name = self.adapter.split(":")
@@ -41,13 +52,18 @@ class Family:
 
 SDXL_FIELDS = frozenset(("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size"))
 
+
 FAMILIES: tuple[Family, ...] = (
-    Family("stable-diffusion", ("StableDiffusionPipeline",), COMMON_FIELDS, DISCRETE_SCHEDULERS,
-           "batchgen.models.sd:StableDiffusionAdapter"),
-    Family("stable-diffusion-xl", ("StableDiffusionXLPipeline",), COMMON_FIELDS | SDXL_FIELDS, DISCRETE_SCHEDULERS,
+    Family("stable-diffusion", ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                                "StableDiffusionInpaintPipeline"), COMMON_FIELDS | IMG2IMG_FIELDS,
+           DISCRETE_SCHEDULERS, "batchgen.models.sd:StableDiffusionAdapter",
+           needs=(("StableDiffusionInpaintPipeline", ("init_image", "mask_image")),)),
+    Family("stable-diffusion-xl", ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
+           COMMON_FIELDS | SDXL_FIELDS | IMG2IMG_FIELDS, DISCRETE_SCHEDULERS,
            "batchgen.models.sdxl:StableDiffusionXLAdapter",
            refiner_fields=frozenset(("aesthetic_score", "negative_aesthetic_score")),
-           refiner_pipelines=("StableDiffusionXLImg2ImgPipeline",)),
+           refiner_pipelines=("StableDiffusionXLImg2ImgPipeline",), strength=0.3, inpaint_strength=0.9999,
+           needs=(("StableDiffusionXLImg2ImgPipeline", ("init_image",)),)),
 )
 
 

@@ -36,13 +36,15 @@ def plan_model(m: ModelSpec, sampling: SamplingSpec) -> tuple[dict[str, Any], Mo
         make_tiny_model(Path(m.source).expanduser(), m.make_tiny_if_missing)
     where = model_source(m.source, m.revision, absolute=True)
     digest = where.sha256(m.allow_pickle)
+    pipeline = where.read_json("model_index.json").get("_class_name", "")
     try:
-        family = family_for(where.read_json("model_index.json").get("_class_name", ""))
+        family = family_for(pipeline)
     except ValueError as e:
         raise JobConfigError(f"`model.source` {m.source!r}: {e}") from None
     vae = where.read_json("vae/config.json")
     rules = family.rules(2 ** (len(vae["block_out_channels"]) - 1), refined=m.refiner is not None,
-                         model_scheduler=model_scheduler_name(where.read_json("scheduler/scheduler_config.json")))
+                         model_scheduler=model_scheduler_name(where.read_json("scheduler/scheduler_config.json")),
+                         pipeline=pipeline)
     if sampling.scheduler not in rules.schedulers:
         raise JobConfigError(f"`sampling.scheduler` must be one of {list(rules.schedulers)} for a {family.name} "
                              f"model but is {sampling.scheduler!r}")

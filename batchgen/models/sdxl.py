@@ -13,9 +13,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers import StableDiffusionXLInpaintPipeline
+from diffusers.utils.torch_utils import randn_tensor
 
 from batchgen.models.adapter import Conditioning, EncodedText, FamilyAdapter, guide, row_generators
 from batchgen.models.families import Family
+from batchgen.models.img2img import (
+    Start,
+    encode_latents,
+    has_init_image,
+    inpaint_start,
+    preprocess,
+    source_images,
+    strength_timesteps,
+)
 from batchgen.models.schedulers import make_scheduler, step_kwargs
 from batchgen.models.sd import decode_latents, prepare_denoiser
 from batchgen.rows import GenerationRequest
@@ -61,8 +72,9 @@ class StableDiffusionXLAdapter(FamilyAdapter):
         self.refiner_start = refiner_start
         self.vae = (refiner or pipe).vae  # the last expert decodes
         self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        self.rules = family.rules(self.vae_scale_factor, refined=refiner is not None)
-        self.max_prompt_tokens = pipe.tokenizer.model_max_length
+        self.rules = family.rules(self.vae_scale_factor, refined=refiner is not None, pipeline=type(pipe).__name__)
+        self.max_prompt_tokens = (pipe.tokenizer or pipe.tokenizer_2).model_max_length
+        self._processors: tuple[Any, Any] | None = None
         self.vae_batch_size = vae_batch_size
         self.channels_last, self.denoiser = prepare_denoiser(self.unet, pipe.vae, channels_last, compile_denoiser)
         if refiner is not None:
@@ -76,9 +88,16 @@ class StableDiffusionXLAdapter(FamilyAdapter):
     @torch.inference_mode()
     def encode_text(self, keys: list[TextKey]) -> EncodedText:
         first, second = [k[0] for k in keys], [k[1] for k in keys]
+        dtype = self.pipe.text_encoder_2.dtype
+        if self.pipe.text_encoder is None:
+            # A refiner on its own: diffusers pairs its one tokenizer with the first text of each pair.
+            hidden, pooled, truncated_1 = _encode(self.pipe.tokenizer_2, self.pipe.text_encoder_2, first)
+            cond = {"prompt_embeds": hidden.to(dtype), "pooled": pooled.to(dtype)}
+            if self.force_zeros:
+                _zero_empty(cond, first, ("prompt_embeds", "pooled"))
+            return EncodedText(cond, truncated_1)
         hidden_1, _, truncated_1 = _encode(self.pipe.tokenizer, self.pipe.text_encoder, first)
         hidden_2, pooled, truncated_2 = _encode(self.pipe.tokenizer_2, self.pipe.text_encoder_2, second)
-        dtype = self.pipe.text_encoder_2.dtype
         cond = {"prompt_embeds": torch.cat([hidden_1, hidden_2], dim=-1).to(dtype), "pooled": pooled.to(dtype)}
         if self.force_zeros:
             _zero_empty(cond, first, ("prompt_embeds", "pooled"))
@@ -95,9 +114,10 @@ class StableDiffusionXLAdapter(FamilyAdapter):
         """(unconditional, conditional) time ids, one row per image. The base's unconditional ids equal its
         conditional ones; the refiner's carry the negative aesthetic score and no crop, as in diffusers."""
         cond, uncond = [], []
+        expert = self.refiner if refiner else self.pipe
         for r in rows:
             size, crop, target = r.value("original_size"), r.value("crops_coords_top_left"), r.value("target_size")
-            if refiner and self.refiner.config.requires_aesthetics_score:
+            if getattr(expert.config, "requires_aesthetics_score", False):
                 cond.append([*size, *crop, r.aesthetic_score])
                 uncond.append([*size, 0, 0, r.negative_aesthetic_score])
             else:
@@ -108,7 +128,8 @@ class StableDiffusionXLAdapter(FamilyAdapter):
 
     def _run(self, denoiser: Any, scheduler: Any, timesteps: torch.Tensor, latents: torch.Tensor,
              rows: list[GenerationRequest], embeds: tuple[torch.Tensor, torch.Tensor],
-             pooled: tuple[torch.Tensor, torch.Tensor], refiner: bool, generators: list) -> torch.Tensor:
+             pooled: tuple[torch.Tensor, torch.Tensor], refiner: bool, generators: list,
+             start: Start | None = None) -> torch.Tensor:
         dtype = embeds[1].dtype
         guidance = torch.tensor([float(r.guidance_scale) for r in rows], device=latents.device, dtype=latents.dtype)
         guidance = guidance.view(-1, 1, 1, 1)
@@ -121,13 +142,29 @@ class StableDiffusionXLAdapter(FamilyAdapter):
             hidden, text_embeds, time_ids = embeds[1], pooled[1], cond_ids
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
         extra = step_kwargs(scheduler, generators, rows[0].eta)
-        for t in timesteps:
+        mask_input = None
+        if start is not None and start.masked_latents is not None:  # a 9-channel inpainting UNet
+            mask_input = torch.cat([start.mask, start.masked_latents], dim=1)
+            mask_input = torch.cat([mask_input, mask_input]) if use_cfg else mask_input
+        for i, t in enumerate(timesteps):
             model_input = torch.cat([latents, latents]) if use_cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
+            if mask_input is not None:
+                model_input = torch.cat([model_input, mask_input], dim=1)
             prediction = denoiser(model_input, t, encoder_hidden_states=hidden, added_cond_kwargs=added,
                                   return_dict=False)[0]
             latents = scheduler.step(guide(prediction, guidance, use_cfg), t, latents, **extra, return_dict=False)[0]
+            if start is not None and start.blend is not None:
+                latents = start.blend(scheduler, i, latents)
         return latents
+
+    def processors(self) -> tuple[Any, Any]:
+        """The image and mask processors diffusers' SDXL inpainting pipeline makes for this model (built on first
+        use; not `from_pipe`, which would cast the shared modules to float32)."""
+        if self._processors is None:
+            pipe = StableDiffusionXLInpaintPipeline(**{**self.pipe.components})
+            self._processors = (pipe.image_processor, pipe.mask_processor)
+        return self._processors
 
     @torch.inference_mode()
     def sample(self, rows: list[GenerationRequest], cond: Conditioning, uncond: Conditioning) -> torch.Tensor:
@@ -137,20 +174,40 @@ class StableDiffusionXLAdapter(FamilyAdapter):
         # 1. The base, to the refiner's start when there is one.
         scheduler = self.make_scheduler(first.scheduler, device, first.steps)
         generators = row_generators(rows)
-        latents = self.initial_latents(rows, self.unet.config.in_channels, generators, device, dtype,
-                                       scheduler.init_noise_sigma)
-        timesteps = scheduler.timesteps
-        if self.refiner is not None:
-            timesteps = timesteps[: int((timesteps >= _cutoff(scheduler, self.refiner_start)).sum())]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
+        start = None
+        if has_init_image(rows) and first.mask_image is not None:
+            start = inpaint_start(rows, scheduler, generators, self.pipe.vae, self.processors(),
+                                  self.unet.config.in_channels != self.pipe.vae.config.latent_channels, dtype,
+                                  self.rules.whole_strength_steps, latents_mean_std=False)
+            timesteps, latents = start.timesteps, start.latents
+        elif has_init_image(rows):
+            timesteps, latents = self._img2img_start(rows, scheduler, generators, dtype)
+        else:
+            latents = self.initial_latents(rows, self.unet.config.in_channels, generators, device, dtype,
+                                           scheduler.init_noise_sigma)
+            timesteps = scheduler.timesteps
+            if self.refiner is not None:
+                timesteps = timesteps[: int((timesteps >= _cutoff(scheduler, self.refiner_start)).sum())]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(0)
         latents = self._run(self.denoiser, scheduler, timesteps, latents, rows,
                             (uncond["prompt_embeds"], cond["prompt_embeds"]), (uncond["pooled"], cond["pooled"]),
-                            False, generators)
+                            False, generators, start)
         # 2. The refiner from the same latents (no new noise), with fresh generators for its stochastic steps.
         if self.refiner is not None:
             latents = self._refine(rows, latents, cond, uncond)
         return decode_latents(self.vae, latents, self.vae_batch_size)
+
+    def _img2img_start(self, rows: list[GenerationRequest], scheduler: Any, generators: list,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """diffusers' StableDiffusionXLImg2ImgPipeline (a base or a refiner on its own): per row, the VAE sample of
+        the init image (in float32 for a `force_upcast` VAE), then the noise, added at the first kept timestep."""
+        first = rows[0]
+        images = preprocess(self.pipe.image_processor, source_images(rows), first.height, first.width)
+        timesteps = strength_timesteps(scheduler, first.steps, first.strength, self.rules.whole_strength_steps)
+        init = encode_latents(self.pipe.vae, images, generators, dtype)  # a force_upcast VAE is loaded in float32
+        noise = randn_tensor(init.shape, generator=generators, device=init.device, dtype=init.dtype)
+        return timesteps, scheduler.add_noise(init, noise, timesteps[:1].repeat(len(rows)))
 
     def _refine(self, rows: list[GenerationRequest], latents: torch.Tensor, cond: Conditioning,
                 uncond: Conditioning) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("sd15", "sd2-v", "sdxl", "sdxl-refiner")
+FAMILIES = ("sd15", "sd2-v", "sd15-inpaint", "sdxl", "sdxl-refiner")  # sd15-inpaint: a 9-channel inpainting UNet
 INIT_SEED = 0
 
 # Shapes: (unet channels, cross-attention dim, text layers). "tiny" is the test model (< 10 MB);
@@ -68,8 +68,15 @@ def _tokenizer():
 
 
 def build_pipeline(family: str = "sd15", size: str = "tiny"):
-    """Random-weight pipeline of the family's real classes with deterministic weights (fixed init seeds)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    """Random-weight pipeline of the family's real classes with deterministic weights (fixed init seeds);
+    sd15-inpaint is a StableDiffusionInpaintPipeline."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if family not in FAMILIES:
@@ -89,7 +96,7 @@ def build_pipeline(family: str = "sd15", size: str = "tiny"):
         block_out_channels=shape["unet_channels"],
         layers_per_block=2 if size == "bench" else 1,
         sample_size=8,
-        in_channels=4,
+        in_channels=9 if family == "sd15-inpaint" else 4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -137,7 +144,8 @@ def build_pipeline(family: str = "sd15", size: str = "tiny"):
         prediction_type="v_prediction" if v_prediction else "epsilon",
         timestep_spacing="leading",
     )
-    return StableDiffusionPipeline(
+    pipeline_class = StableDiffusionInpaintPipeline if family == "sd15-inpaint" else StableDiffusionPipeline
+    return pipeline_class(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,

@@ -1,0 +1,85 @@
+"""SDXL image-to-image (a base, and the refiner as an img2img model on its own) and inpainting against diffusers'
+StableDiffusionXLImg2ImgPipeline and StableDiffusionXLInpaintPipeline on the same tiny models and seeds."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+
+from batchgen.engine import Engine
+from batchgen.models.loading import load_model
+from batchgen.models.schedulers import make_scheduler
+from tests.test_img2img import images_of, init_image, mask_image, request
+
+
+@functools.cache
+def diffusers_pipeline(model_dir, inpaint: bool = False):
+    pipeline_class = StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLImg2ImgPipeline
+    pipe = pipeline_class.from_pretrained(str(model_dir))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference(model_dir, req) -> np.ndarray:
+    image, mask = images_of(req)
+    pipe = diffusers_pipeline(model_dir, inpaint=mask is not None)
+    pipe.scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
+    kwargs = {"mask_image": mask, "height": req.height, "width": req.width} if mask is not None else {}
+    out = pipe(req.prompt, image=image, strength=req.strength, negative_prompt=req.negative_prompt or None,
+               num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
+               generator=torch.Generator().manual_seed(req.seed), output_type="np", **kwargs)
+    return out.images[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_refiner(tiny_refiner_dir):
+    return load_model(str(tiny_refiner_dir), device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize(("strength", "scheduler"), [(0.3, "euler_a"), (0.75, "ddim"), (1.0, "euler_a")])
+def test_sdxl_img2img_matches_diffusers(tiny_sdxl, tiny_sdxl_dir, strength, scheduler):
+    req = request(strength, scheduler=scheduler, negative_prompt="blurry" if scheduler == "ddim" else "")
+    result = Engine(tiny_sdxl).generate([req], output="float")[0]
+    assert result.ok, result.error
+    assert np.abs(result.image - reference(tiny_sdxl_dir, req)).max() <= 1e-4
+    assert result.image.std() > 1e-3
+
+
+@pytest.mark.parametrize(("strength", "scheduler"), [(0.3, "euler_a"), (0.75, "euler"), (1.0, "ddim")])
+def test_refiner_alone_is_an_img2img_model(tiny_refiner, tiny_refiner_dir, strength, scheduler):
+    req = request(strength, scheduler=scheduler, negative_prompt="blurry")
+    result = Engine(tiny_refiner).generate([req], output="float")[0]
+    assert result.ok, result.error
+    assert np.abs(result.image - reference(tiny_refiner_dir, req)).max() <= 1e-4
+
+
+def test_sdxl_mixed_strengths_batch_equals_one_at_a_time(tiny_refiner, tiny_refiner_dir):
+    rows = [request(0.3, seed=1), request(0.75, seed=2, image=init_image(1)), request(0.75, seed=3),
+            request(1.0, seed=4, aesthetic_score=8.0, negative_aesthetic_score=1.0)]
+    engine = Engine(tiny_refiner)
+    batched = engine.generate(rows, output="float")
+    assert [r.batch_size for r in batched] == [1, 2, 2, 1]
+    for row, result in zip(rows, batched, strict=True):
+        assert np.abs(result.image - engine.generate([row], output="float")[0].image).max() <= 1e-4
+    assert np.abs(batched[1].image - reference(tiny_refiner_dir, rows[1])).max() <= 1e-4
+
+
+@pytest.mark.parametrize(("strength", "scheduler"), [(0.3, "euler_a"), (0.9999, "euler_a"), (1.0, "ddim")])
+def test_sdxl_inpaint_4_channels_matches_diffusers(tiny_sdxl, tiny_sdxl_dir, strength, scheduler):
+    req = request(strength, mask=mask_image(), scheduler=scheduler, negative_prompt="blurry")
+    result = Engine(tiny_sdxl).generate([req], output="float")[0]
+    assert result.ok, result.error
+    assert np.abs(result.image - reference(tiny_sdxl_dir, req)).max() <= 1e-4
+
+
+def test_refiner_alone_needs_an_init_image(tiny_refiner, tiny_sdxl):
+    text_only = dataclasses.replace(request(0.75), init_image=None, strength=None, init_pixels=None,
+                                    init_image_size=None)
+    result = Engine(tiny_refiner).generate([text_only])[0]
+    assert "`init_image` must be set: this stable-diffusion-xl checkpoint needs init_image on every row" in result.error
+    assert (tiny_sdxl.adapter.rules.strength, tiny_sdxl.adapter.rules.inpaint_strength) == (0.3, 0.9999)
