@@ -113,13 +113,18 @@ class Engine:
             return results  # type: ignore[return-value]
 
         # 1. Encode each distinct text once for the whole call (sweeps repeat prompts).
+        # The empty negative's encoding is kept for the model's lifetime; it joins the table only where a row
+        # uses it (a family whose empty key depends on a job option may never use it).
         keys = {i: self.adapter.text_keys(requests[i]) for i in valid}
         empty = self.adapter.empty_key
-        texts = sorted({key for pair in keys.values() for key in pair} - {empty})
+        used = {key for pair in keys.values() for key in pair}
+        texts = sorted(used - {empty})
         position = {text: n for n, text in enumerate(texts)}
         encoded = self.adapter.encode_text(texts) if texts else None
-        table = concat(encoded.conditioning, self.empty_conditioning()) if encoded else self.empty_conditioning()
-        position[empty] = len(texts)
+        table = encoded.conditioning if encoded else None
+        if empty in used:
+            table = concat(table, self.empty_conditioning()) if table else self.empty_conditioning()
+            position[empty] = len(texts)
         truncated = dict(zip(texts, encoded.truncated, strict=True)) if encoded else {}
 
         # 2. Group rows that can share a loop; run each group in chunks of at most the batch limit.

@@ -16,21 +16,22 @@ from typing import Any
 import numpy as np
 
 from batchgen.errors import RowError
-from batchgen.models.schedulers import MODEL_SCHEDULER, SCHEDULERS
+from batchgen.models.schedulers import ALL_NAMES, MODEL_SCHEDULER
 
 MAX_STEPS = 1000
 MAX_SIDE = 4096
 MAX_SEED = 2**63 - 1
 MAX_IMAGES_PER_ROW = 10_000
 ANY_FAMILY = "any"  # rules for no model in particular: every field, every scheduler name
+MAX_T5_TOKENS = 512  # T5's trained context: SD3's T5 saw at most this many tokens
 
 
 @dataclass(frozen=True)
 class Rules:
-    """What the model at hand allows: the family's fields and scheduler names, its latent grid."""
+    """What the model at hand allows: the family's fields and scheduler names, its latent grid, its denoiser."""
 
     fields: frozenset[str]
-    schedulers: tuple[str, ...] = (MODEL_SCHEDULER, *sorted(SCHEDULERS))
+    schedulers: tuple[str, ...] = ALL_NAMES
     vae_scale_factor: int = 8
     family: str = ANY_FAMILY
     model_scheduler: str = MODEL_SCHEDULER  # the name `model` stands for: the checkpoint's configured scheduler
@@ -38,6 +39,8 @@ class Rules:
     inpaint_strength: float = 1.0  # default inpainting strength (diffusers' inpainting pipeline default)
     whole_strength_steps: bool = True  # img2img keeps int(steps * strength) steps (SD, SDXL); SD3 does not truncate
     needs: tuple[str, ...] = ()  # fields every row must set (an inpainting or img2img-only checkpoint's images)
+    patch_size: int = 1  # a transformer denoiser's latent patch: sizes are multiples of vae_scale_factor x this
+    denoiser_layers: int | None = None  # a transformer denoiser's block count (skip-layer guidance indexes them)
 
 
 def _is_int(value: Any) -> bool:
@@ -87,11 +90,13 @@ def _steps(name: str, value: Any, rules: Rules) -> None:
 
 
 def _side(name: str, value: Any, rules: Rules) -> None:
-    multiple = max(8, rules.vae_scale_factor)
+    multiple = max(8, rules.vae_scale_factor * rules.patch_size)
     if not _is_int(value) or not multiple <= value <= MAX_SIDE:
         raise RowError(name, value, f"must be an integer in [{multiple}, {MAX_SIDE}]")
     if value % multiple:
-        raise RowError(name, value, f"must be divisible by {multiple}")
+        why = (f" (the VAE's factor {rules.vae_scale_factor} x the transformer's patch size {rules.patch_size})"
+               if rules.patch_size > 1 else "")
+        raise RowError(name, value, f"must be divisible by {multiple}{why}")
 
 
 def _scheduler(name: str, value: Any, rules: Rules) -> None:
@@ -125,11 +130,41 @@ def _pair(name: str, value: Any, rules: Rules) -> None:
         raise RowError(name, value, f"must be two integers in [0, {4 * MAX_SIDE}]")
 
 
+def _t5_tokens(name: str, value: Any, rules: Rules) -> None:
+    if not _is_int(value) or not 1 <= value <= MAX_T5_TOKENS:
+        raise RowError(name, value, f"must be an integer in [1, {MAX_T5_TOKENS}]")
+
+
+def _layers(name: str, value: Any, rules: Rules) -> None:
+    if value is None:
+        return
+    if (not isinstance(value, (list, tuple)) or not value or not all(_is_int(v) and v >= 0 for v in value)
+            or len(set(value)) != len(value)):
+        raise RowError(name, value, "must be a non-empty list of distinct layer indices >= 0, or null")
+    if rules.denoiser_layers is None:
+        raise RowError(name, value, f"needs a transformer denoiser; a {rules.family} model has none")
+    if max(value) >= rules.denoiser_layers:
+        raise RowError(name, value, f"must index layers of this model's transformer, which has "
+                                    f"{rules.denoiser_layers} (0 to {rules.denoiser_layers - 1})")
+
+
+def _optional_guidance(name: str, value: Any, rules: Rules) -> None:
+    if value is not None:
+        _guidance(name, value, rules)
+
+
+def _optional_fraction(name: str, value: Any, rules: Rules) -> None:
+    if value is not None and (not _is_number(value) or not 0 <= value <= 1):
+        raise RowError(name, value, "must be a number in [0, 1], or null")
+
+
 @dataclass(frozen=True)
 class RowField:
-    """One per-image field. `kind` is its type (text, int, float, pair: two ints); `default` the value of a
-    request that does not set it; `sampling` the SamplingSpec attribute that holds the job's default (None:
-    the field has no job default); `derive` computes the default from the row's other fields."""
+    """One per-image field. `kind` is its type (text, int, float, pair: two ints, ints: a list of ints);
+    `default` the value of a request that does not set it; `sampling` the SamplingSpec attribute (dotted: inside
+    a section of it) that holds the job's default (None: the field has no job default; a job default of None
+    leaves `default`); `derive` computes the default from the row's other fields. A field with `column=False`
+    is a job option: every row of a job has the job's value."""
 
     name: str
     kind: str
@@ -193,6 +228,24 @@ FIELDS: tuple[RowField, ...] = (
              manifest=False, column=False),
     RowField("mask_pixels", "bytes", None, _recorded, "Decoded mask, L uint8 (height x width).",
              manifest=False, column=False),
+    RowField("prompt_3", "text", None, _optional_text, "SD3: text for the T5 encoder; null = prompt."),
+    RowField("negative_prompt_3", "text", None, _optional_text,
+             "SD3: negative text for the T5 encoder; null = negative_prompt."),
+    # SD3 job options. The T5 length shapes the conditioning (no attention mask: padding changes the image), so
+    # rows with different lengths cannot share a batch; skip-layer guidance adds a pass inside a step window.
+    RowField("max_sequence_length", "int", 256, _t5_tokens, "SD3: T5 tokens (padded or truncated to this).",
+             sampling="max_sequence_length", group=True, column=False),
+    RowField("skip_guidance_layers", "ints", None, _layers,
+             "SD3: transformer blocks the skip-layer pass leaves out; null = no skip-layer guidance.",
+             sampling="skip_layer_guidance.layers", group=True, column=False),
+    RowField("skip_layer_guidance_scale", "float", None, _optional_guidance, "SD3: skip-layer guidance scale.",
+             sampling="skip_layer_guidance.scale", column=False),
+    RowField("skip_layer_guidance_start", "float", None, _optional_fraction,
+             "SD3: fraction of the steps after which skip-layer guidance starts.",
+             sampling="skip_layer_guidance.start", group=True, column=False),
+    RowField("skip_layer_guidance_stop", "float", None, _optional_fraction,
+             "SD3: fraction of the steps before which skip-layer guidance stops.",
+             sampling="skip_layer_guidance.stop", group=True, column=False),
 )
 FIELD = {f.name: f for f in FIELDS}
 COMMON_FIELDS = frozenset(
@@ -211,7 +264,7 @@ def arrow_type(kind: str):
     import pyarrow as pa
 
     return {"text": pa.string(), "int": pa.int64(), "float": pa.float64(), "pair": pa.list_(pa.int64()),
-            "bytes": pa.binary()}[kind]
+            "bytes": pa.binary(), "ints": pa.list_(pa.int64())}[kind]
 
 
 def arrow_fields(names: Iterable[str] = tuple(FIELD)) -> list[tuple[str, Any]]:
@@ -248,12 +301,12 @@ GenerationRequest = make_dataclass(
 
 
 def request_from(values: dict[str, Any]) -> GenerationRequest:
-    """A request from a work or manifest row (extra keys ignored); pair fields become tuples."""
+    """A request from a work or manifest row (extra keys ignored); list fields become tuples (hashable keys)."""
     kwargs = {}
     for f in FIELDS:
         if f.name in values:
             value = values[f.name]
-            kwargs[f.name] = tuple(value) if f.kind == "pair" and value is not None else value
+            kwargs[f.name] = tuple(value) if f.kind in ("pair", "ints") and value is not None else value
     return GenerationRequest(**kwargs)
 
 
@@ -295,9 +348,26 @@ def to_pair(name: str, value: Any) -> tuple[int, int]:
     return (to_int(name, value[0]), to_int(name, value[1]))
 
 
+def to_ints(name: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise RowError(name, value, "must be a list of integers")
+    return tuple(to_int(name, v) for v in value)
+
+
 # A text value is not converted: the field's check names a non-string.
 CONVERT = {"text": lambda name, value: value, "int": to_int, "float": to_float, "pair": to_pair,
-           "bytes": lambda name, value: value}
+           "bytes": lambda name, value: value, "ints": to_ints}
+
+
+def job_value(sampling: Any, path: str) -> Any:
+    """The job's default for a field: SamplingSpec attribute `path` (dotted: inside a section, None where the
+    section is unset)."""
+    value = sampling
+    for part in path.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return tuple(value) if isinstance(value, list) else value
 
 
 def resolve_fields(values: dict[str, Any], sampling: Any, rules: Rules) -> dict[str, Any]:
@@ -312,8 +382,8 @@ def resolve_fields(values: dict[str, Any], sampling: Any, rules: Rules) -> dict[
         if value is not None:
             value = CONVERT[f.kind](f.name, value)
         elif f.sampling is not None:
-            value = getattr(sampling, f.sampling)
-        elif f.derive is None:
+            value = job_value(sampling, f.sampling)
+        if value is None and f.derive is None:
             value = f.default
         out[f.name] = value
     if out.get("scheduler") == MODEL_SCHEDULER:

@@ -85,7 +85,7 @@ class FamilyAdapter:
 
     # Shared pieces for families with a discrete-time scheduler and a latent VAE.
     def make_scheduler(self, name: str, device: torch.device, steps: int):
-        scheduler = make_scheduler(name, self.base_scheduler_config)
+        scheduler = make_scheduler(name, self.base_scheduler_config, self.family.scheduler_table)
         scheduler.set_timesteps(steps, device=device)
         return scheduler
 

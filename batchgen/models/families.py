@@ -11,16 +11,16 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from batchgen.models.schedulers import MODEL_SCHEDULER, SCHEDULERS
+from batchgen.models.schedulers import MODEL_SCHEDULER, model_scheduler_name, scheduler_names
 from batchgen.rows import COMMON_FIELDS, IMG2IMG_FIELDS, Rules
 
-DISCRETE_SCHEDULERS = (MODEL_SCHEDULER, *sorted(SCHEDULERS))
+DISCRETE_SCHEDULERS = scheduler_names("discrete")
 
 
 @dataclass(frozen=True)
 class Family:
-    """One model family: its diffusers pipeline classes, the row fields it reads, the scheduler names it accepts,
-    and the adapter (`module:Class`) that samples with it."""
+    """One model family: its diffusers pipeline classes, the row fields it reads, the scheduler names it accepts
+    (from `scheduler_table` in batchgen.models.schedulers), and the adapter (`module:Class`) that samples with it."""
 
     name: str
     pipelines: tuple[str, ...]
@@ -33,17 +33,29 @@ class Family:
     strength: float = 0.8  # diffusers' img2img default for the family
     inpaint_strength: float = 1.0  # diffusers' inpainting default for the family
     whole_strength_steps: bool = True  # img2img keeps int(steps * strength) steps (SD3: not truncated)
+    scheduler_table: str = "discrete"  # what the family's scheduler names mean
+    denoiser: str = "unet"  # the denoiser's component; a `transformer` has a patch size and numbered blocks
 
     def rules(self, vae_scale_factor: int = 8, refined: bool = False, model_scheduler: str = MODEL_SCHEDULER,
-              pipeline: str | None = None) -> Rules:
-        """What rows may hold for this family; `pipeline` is the checkpoint's class (inpainting ones need masks)."""
+              pipeline: str | None = None, scheduler_config: dict[str, Any] | None = None,
+              denoiser_config: dict[str, Any] | None = None) -> Rules:
+        """What rows may hold for this family; `pipeline` is the checkpoint's class (inpainting ones need masks).
+        With the checkpoint's scheduler config, only the names that can honour it (and `model` named after what
+        it stands for); with its denoiser config, its patch size and blocks."""
         alone = pipeline in self.refiner_pipelines  # a refiner on its own: an img2img model
         fields = self.fields | (self.refiner_fields if refined or alone else frozenset())
         if refined:
             fields -= IMG2IMG_FIELDS  # a base followed by a refiner starts from noise
         needs = dict(self.needs).get(pipeline, ())
-        return Rules(fields, self.schedulers, vae_scale_factor, self.name, model_scheduler, self.strength,
-                     self.inpaint_strength, self.whole_strength_steps, needs)
+        schedulers = self.schedulers
+        if scheduler_config is not None:
+            schedulers = tuple(n for n in scheduler_names(self.scheduler_table, scheduler_config) if n in schedulers)
+            model_scheduler = model_scheduler_name(scheduler_config, self.scheduler_table)
+        denoiser_config = denoiser_config or {}
+        layers = denoiser_config.get("num_layers") if self.denoiser == "transformer" else None
+        return Rules(fields, schedulers, vae_scale_factor, self.name, model_scheduler, self.strength,
+                     self.inpaint_strength, self.whole_strength_steps, needs,
+                     patch_size=denoiser_config.get("patch_size", 1), denoiser_layers=layers)
 
     def adapter_class(self) -> Any:
         module, name = self.adapter.split(":")
@@ -51,6 +63,9 @@ class Family:
 
 
 SDXL_FIELDS = frozenset(("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size"))
+SD3_FIELDS = (COMMON_FIELDS - {"eta"}) | frozenset(
+    ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "max_sequence_length", "skip_guidance_layers",
+     "skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop"))
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -64,6 +79,8 @@ FAMILIES: tuple[Family, ...] = (
            refiner_fields=frozenset(("aesthetic_score", "negative_aesthetic_score")),
            refiner_pipelines=("StableDiffusionXLImg2ImgPipeline",), strength=0.3, inpaint_strength=0.9999,
            needs=(("StableDiffusionXLImg2ImgPipeline", ("init_image",)),)),
+    Family("stable-diffusion-3", ("StableDiffusion3Pipeline",), SD3_FIELDS, scheduler_names("flow"),
+           "batchgen.models.sd3:StableDiffusion3Adapter", scheduler_table="flow", denoiser="transformer"),
 )
 
 

@@ -48,8 +48,8 @@ def prepare_denoiser(unet: Any, vae: Any, channels_last: bool | None, compile_de
 
 def decode_latents(vae: Any, latents: torch.Tensor, batch_size: int | None) -> torch.Tensor:
     """Latents -> float32 images in [0, 1], in sub-batches of `batch_size`. Undoes the VAE's latent scaling (and
-    its per-channel mean and std where the config has them); runs in the VAE's own dtype, which is float32 for
-    VAEs that overflow in half precision (`force_upcast`, see loading.py)."""
+    its per-channel mean and std, or its shift, where the config has them); runs in the VAE's own dtype, which is
+    float32 for VAEs that overflow in half precision (`force_upcast`, see loading.py)."""
     config = vae.config
     mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
     if mean is not None and std is not None:
@@ -59,6 +59,8 @@ def decode_latents(vae: Any, latents: torch.Tensor, batch_size: int | None) -> t
         scaled = latents * std / config.scaling_factor + mean
     else:
         scaled = latents / config.scaling_factor
+    if getattr(config, "shift_factor", None) is not None:  # SD3's VAE: latents were shifted, then scaled
+        scaled = scaled + config.shift_factor
     scaled = scaled.to(vae.dtype)
     step = batch_size or latents.shape[0]
     parts = [vae.decode(chunk, return_dict=False)[0] for chunk in scaled.split(step)]

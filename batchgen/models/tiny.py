@@ -10,7 +10,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("sd15", "sd2-v", "sd15-inpaint", "sdxl", "sdxl-refiner")  # sd15-inpaint: a 9-channel inpainting UNet
+# sd15-inpaint: a 9-channel inpainting UNet
+FAMILIES = ("sd15", "sd2-v", "sd15-inpaint", "sdxl", "sdxl-refiner", "sd3", "sd35")
 INIT_SEED = 0
 
 # Shapes: (unet channels, cross-attention dim, text layers). "tiny" is the test model (< 10 MB);
@@ -57,7 +58,8 @@ def write_tokenizer(directory: Path) -> None:
     )
 
 
-def _tokenizer():
+def clip_tokenizer():
+    """The tokenizer write_tokenizer defines, loaded as a saved model's would be."""
     import tempfile
 
     from transformers import CLIPTokenizer
@@ -87,6 +89,12 @@ def build_pipeline(family: str = "sd15", size: str = "tiny"):
         if size != "tiny":
             raise ValueError(f"`size` {size!r}: SDXL tiny models come in one size, 'tiny'")
         return build_sdxl_pipeline(refiner=family == "sdxl-refiner")
+    if family in ("sd3", "sd35"):
+        if size != "tiny":
+            raise ValueError(f"`size` {size!r}: SD3 tiny models come in one size, 'tiny'")
+        from batchgen.models.tiny_sd3 import build_sd3_pipeline
+
+        return build_sd3_pipeline(sd35=family == "sd35")
     shape = SIZES[size]
     v_prediction = family == "sd2-v"
     text_dim = shape["text_dim"]
@@ -149,7 +157,7 @@ def build_pipeline(family: str = "sd15", size: str = "tiny"):
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=_tokenizer(),
+        tokenizer=clip_tokenizer(),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
@@ -165,7 +173,7 @@ def make_tiny_model(directory: str | Path, family: str = "sd15", size: str = "ti
     pipe = build_pipeline(family, size)
     transformers_logging.disable_progress_bar()  # a per-shard bar for a 4 MB model is noise
     pipe.save_pretrained(path, safe_serialization=True)
-    # Our own tokenizer files, so the saved tokenizers are exactly what write_tokenizer defines.
+    # Our own tokenizer files, so the saved CLIP tokenizers are exactly what write_tokenizer defines.
     for name in ("tokenizer", "tokenizer_2"):
         if getattr(pipe, name, None) is not None:
             write_tokenizer(path / name)
@@ -225,13 +233,13 @@ def build_sdxl_pipeline(refiner: bool = False):
     if refiner:
         unet = _sdxl_unet(SDXL_TEXT["hidden_size"], 5, INIT_SEED + 20)
         return StableDiffusionXLImg2ImgPipeline(
-            vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=_tokenizer(),
+            vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=clip_tokenizer(),
             unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     torch.manual_seed(INIT_SEED + 12)
     text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=512, eos_token_id=513, pad_token_id=513,
                                                 vocab_size=514, max_position_embeddings=77, **SDXL_TEXT))
     unet = _sdxl_unet(2 * SDXL_TEXT["hidden_size"], 6, INIT_SEED + 13)
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=_tokenizer(),
-        tokenizer_2=_tokenizer(), unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
         add_watermarker=False)
