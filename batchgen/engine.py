@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from batchgen.errors import RowError
-from batchgen.models.adapter import Conditioning, FamilyAdapter, concat, take
+from batchgen.models.adapter import Conditioning, FamilyAdapter, stack
 from batchgen.models.loading import LoadedModel
 from batchgen.rows import MAX_SEED, MAX_SIDE, MAX_STEPS, GenerationRequest, validate_request
 
@@ -112,20 +113,24 @@ class Engine:
         if not valid:
             return results  # type: ignore[return-value]
 
-        # 1. Encode each distinct text once for the whole call (sweeps repeat prompts).
-        # The empty negative's encoding is kept for the model's lifetime; it joins the table only where a row
-        # uses it (a family whose empty key depends on a job option may never use it).
+        # 1. Encode each distinct text once for the whole call (sweeps repeat prompts), in one batch per shape
+        # of encoding (the family says which texts share one). The empty negative's encoding is kept for the
+        # model's lifetime; it is used where a row's key is the family's empty key.
         keys = {i: self.adapter.text_keys(requests[i]) for i in valid}
         empty = self.adapter.empty_key
         used = {key for pair in keys.values() for key in pair}
-        texts = sorted(used - {empty})
-        position = {text: n for n, text in enumerate(texts)}
-        encoded = self.adapter.encode_text(texts) if texts else None
-        table = encoded.conditioning if encoded else None
+        batches: dict[Hashable, list[Hashable]] = {}
+        for text in sorted(used - {empty}):
+            batches.setdefault(self.adapter.encoding_batch(text), []).append(text)
+        table: dict[Hashable, Conditioning] = {}
+        truncated: dict[Hashable, bool] = {}
+        for texts in batches.values():
+            encoded = self.adapter.encode_text(texts)
+            for n, text in enumerate(texts):
+                table[text] = {name: tensor[n : n + 1] for name, tensor in encoded.conditioning.items()}
+            truncated.update(zip(texts, encoded.truncated, strict=True))
         if empty in used:
-            table = concat(table, self.empty_conditioning()) if table else self.empty_conditioning()
-            position[empty] = len(texts)
-        truncated = dict(zip(texts, encoded.truncated, strict=True)) if encoded else {}
+            table[empty] = self.empty_conditioning()
 
         # 2. Group rows that can share a loop; run each group in chunks of at most the batch limit.
         # A chunk's images are collected only once the next chunk is queued (overlaps the copy on CUDA).
@@ -137,7 +142,7 @@ class Engine:
             start = 0
             while start < len(members):
                 chunk = members[start : start + (self.batch_limit or len(members))]
-                launched = self._launch_or_shrink(requests, chunk, table, position, keys, output, results)
+                launched = self._launch_or_shrink(requests, chunk, table, keys, output, results)
                 if launched is None and len(chunk) > 1:
                     continue  # retry the same rows at the lowered limit
                 start += len(chunk)
@@ -151,10 +156,10 @@ class Engine:
             results[i].truncated = truncated.get(keys[i][0], False)  # type: ignore[union-attr]
         return results  # type: ignore[return-value]
 
-    def _launch_or_shrink(self, requests, chunk, table, position, keys, output, results) -> _LaunchedChunk | None:
+    def _launch_or_shrink(self, requests, chunk, table, keys, output, results) -> _LaunchedChunk | None:
         """Launch a chunk; on out-of-memory lower the batch limit and return None (a lone row becomes an error)."""
         try:
-            launched = self._launch(requests, chunk, table, position, keys, output)
+            launched = self._launch(requests, chunk, table, keys, output)
         except torch.OutOfMemoryError as e:
             message = str(e).splitlines()[0] if str(e) else "out of memory"
         else:
@@ -186,15 +191,15 @@ class Engine:
         self._fitted = 0
         logger.info("batch limit back up to %s after %d chunks that fit", self.batch_limit, self.grow_after)
 
-    def _launch(self, requests, chunk, table, position, keys, output) -> _LaunchedChunk:
+    def _launch(self, requests, chunk, table, keys, output) -> _LaunchedChunk:
         rows = [requests[i] for i in chunk]
         on_cuda = self.device.type == "cuda"
         started = time.perf_counter()
         start_event = torch.cuda.Event(enable_timing=True) if on_cuda else None
         if start_event is not None:
             start_event.record()
-        cond = take(table, [position[keys[i][0]] for i in chunk])
-        uncond = take(table, [position[keys[i][1]] for i in chunk])
+        cond = stack([table[keys[i][0]] for i in chunk])
+        uncond = stack([table[keys[i][1]] for i in chunk])
         images = self.denoise(rows, cond, uncond)
         with torch.inference_mode():
             finite = torch.isfinite(images).flatten(1).all(dim=1)

@@ -21,7 +21,7 @@ from batchgen.models.source import ModelFacts
 from batchgen.output import JobOutput, RunTally
 from batchgen.prompts import DoneKeys, InputPlan, ReadTask, RowReader, all_done, plan_input
 from batchgen.resume import fingerprint, with_placement
-from batchgen.rows import IMAGE_FIELDS, Rules
+from batchgen.rows import FIELD, IMAGE_FIELDS, Rules
 from batchgen.spec import ComputeSpec, JobSpec, SamplingSpec
 from batchgen.stages import EncodeStage, GeneratorActor, StoreStage, below_generators
 
@@ -96,11 +96,16 @@ def plan_job(spec: JobSpec) -> JobPlan:
     output = JobOutput(spec)  # an unsupported output scheme fails here, before any work
     model_options, facts, rules = prepare_model(spec)
     input_plan = plan_input(spec.input, rules, output=spec.output.uri)
-    # The fingerprint names the scheduler that runs: `model` and the name it stands for make the same images.
+    # The fingerprint names the scheduler that runs: `model` and the name it stands for make the same images;
+    # likewise an unset T5 length and the length it stands for.
     ran = spec
+    resolved: dict[str, Any] = {}
     if spec.sampling.scheduler == MODEL_SCHEDULER:
-        sampling = spec.sampling.model_copy(update={"scheduler": rules.model_scheduler})
-        ran = spec.model_copy(update={"sampling": sampling})
+        resolved["scheduler"] = rules.model_scheduler
+    if spec.sampling.max_sequence_length is None and "max_sequence_length" in rules.fields:
+        resolved["max_sequence_length"] = FIELD["max_sequence_length"].default
+    if resolved:
+        ran = spec.model_copy(update={"sampling": spec.sampling.model_copy(update=resolved)})
     return JobPlan(spec, input_plan, model_options, facts, rules,
                    fingerprint(ran, facts, input_plan.identity, spec.compute.gpus_per_actor), output)
 

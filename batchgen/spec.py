@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from batchgen.errors import JobConfigError
-from batchgen.models.schedulers import MODEL_SCHEDULER, SCHEDULERS
-from batchgen.rows import COLUMN_TARGETS, FIELD
+from batchgen.models.schedulers import ALL_NAMES, MODEL_SCHEDULER
+from batchgen.rows import COLUMN_TARGETS, FIELD, MAX_T5_TOKENS
 
 DEMO_PROMPTS = str(Path(__file__).resolve().parent / "data" / "demo_prompts.parquet")
 
@@ -73,7 +73,15 @@ class ModelSpec(Section):
     refiner: RefinerSpec | None = Field(
         None, description="A refiner that finishes the base's images (SDXL base + refiner); the same actor holds "
         "both, loading components they share once.")
-    make_tiny_if_missing: Literal["sd15", "sd2-v", "sdxl", "sdxl-refiner"] | None = Field(
+    text_encoder_3: bool = Field(
+        True, description="SD3: load the T5 encoder. false drops it (its embeddings are zeros, as in diffusers): "
+        "about 9.5 GB less accelerator memory at 16-bit on SD3/SD3.5 checkpoints, some loss of prompt adherence "
+        "(text rendering most). Manifests record it as a dropped component.")
+    text_encoder_3_device: str | None = Field(
+        None, description="SD3: device for the T5 encoder (e.g. cpu when it does not fit beside the transformer); "
+        "None = the model's device. On CPU it runs in the model's dtype and costs CPU time per distinct text "
+        "(see README); pixels match to the precision of the two devices' kernels.")
+    make_tiny_if_missing: Literal["sd15", "sd2-v", "sdxl", "sdxl-refiner", "sd3", "sd35"] | None = Field(
         None, description="Build a tiny random-weight model of this family at `source` if it does not exist (demo)."
     )
     vae_batch_size: int | None = Field(
@@ -89,6 +97,22 @@ class ModelSpec(Section):
     )
 
 
+class SkipLayerGuidanceSpec(Section):
+    """Skip-layer guidance (SD3.5-medium): for rows that use CFG, inside the step window, also push away from
+    a pass of the conditional branch without these transformer blocks. Defaults: diffusers'."""
+
+    layers: list[int] = Field(min_length=1, description="Transformer blocks to skip, e.g. [7, 8, 9] on SD3.5-medium.")
+    scale: float = Field(2.8, ge=0, description="Skip-layer guidance scale.")
+    start: float = Field(0.01, ge=0, le=1, description="Applied at steps i with steps x start < i < steps x stop.")
+    stop: float = Field(0.2, ge=0, le=1, description="End of the window, as a fraction of the steps.")
+
+    @model_validator(mode="after")
+    def _window(self) -> SkipLayerGuidanceSpec:
+        if self.start >= self.stop:
+            raise ValueError(f"`start` ({self.start}) must be below `stop` ({self.stop})")
+        return self
+
+
 class SamplingSpec(Section):
     """Defaults for rows whose table has no column for the field."""
 
@@ -97,7 +121,7 @@ class SamplingSpec(Section):
                                   description="Classifier-free guidance; <= 1 disables it.")
     scheduler: str = Field(
         FIELD["scheduler"].default, description=f"{MODEL_SCHEDULER} (the checkpoint's own configured scheduler) or "
-        "one of: " + ", ".join(sorted(SCHEDULERS)) + "; the model's family may accept fewer (checked at plan time).")
+        "one of: " + ", ".join(ALL_NAMES[1:]) + "; the model's family may accept fewer (checked at plan time).")
     width: int = Field(FIELD["width"].default, ge=8, le=4096, description="Image width in pixels, a multiple of 8.")
     height: int = Field(FIELD["height"].default, ge=8, le=4096,
                         description="Image height in pixels, a multiple of 8.")
@@ -106,12 +130,17 @@ class SamplingSpec(Section):
                        description="DDIM eta (noise in DDIM steps); ignored by other schedulers.")
     seed: int = Field(0, ge=0, description="Job seed: rows without a seed get one derived from (seed, id, sample).")
     num_images: int = Field(1, ge=1, le=10_000, description="Images per row for rows without num_images.")
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=MAX_T5_TOKENS, description="SD3: T5 tokens per text (padded or truncated to this; images "
+        f"depend on it); None = {FIELD['max_sequence_length'].default}. Other families refuse it.")
+    skip_layer_guidance: SkipLayerGuidanceSpec | None = Field(
+        None, description="SD3: skip-layer guidance options; None = off. Other families refuse it.")
 
     @field_validator("scheduler")
     @classmethod
     def _known_scheduler(cls, name: str) -> str:
-        if name != MODEL_SCHEDULER and name not in SCHEDULERS:
-            raise ValueError(f"must be one of {[MODEL_SCHEDULER, *sorted(SCHEDULERS)]}")
+        if name not in ALL_NAMES:
+            raise ValueError(f"must be one of {list(ALL_NAMES)}")
         return name
 
     @field_validator("width", "height")

@@ -42,6 +42,11 @@ def concat(first: Conditioning, second: Conditioning) -> Conditioning:
     return {k: torch.cat([first[k], second[k]]) for k in first}
 
 
+def stack(rows: list[Conditioning]) -> Conditioning:
+    """One batch from single-row conditionings, in order."""
+    return {k: torch.cat([row[k] for row in rows]) for k in rows[0]}
+
+
 def row_generators(rows: list[GenerationRequest]) -> list[torch.Generator]:
     """One CPU generator per row seeded with the row's seed: the contract that makes images batch-invariant."""
     return [torch.Generator("cpu").manual_seed(int(r.seed)) for r in rows]
@@ -71,6 +76,10 @@ class FamilyAdapter:
         """(conditional, unconditional) keys of the texts a row needs; rows with equal keys share an encoding.
         Keys of one family sort against each other (the engine encodes them in sorted order)."""
         return req.prompt, req.negative_prompt
+
+    def encoding_batch(self, key: Hashable) -> Hashable:
+        """Texts with equal values here are encoded in one batch: their encodings have the same shape."""
+        return None
 
     def encode_text(self, keys: list[Any]) -> EncodedText:
         raise NotImplementedError

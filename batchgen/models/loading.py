@@ -118,10 +118,14 @@ def load_model(
     compile_denoiser: bool = False,
     expected_sha256: str | None = None,
     refiner: dict[str, Any] | None = None,
+    skip_components: tuple[str, ...] = (),
+    component_devices: dict[str, str] | None = None,
 ) -> LoadedModel:
     """Load a pipeline from a local directory, an s3:// URI (staged once per node) or the hub (cached by
     huggingface_hub), with its family adapter. `refiner` ({source, revision, start, expected_sha256}) loads a
-    refiner that finishes the base's images; components whose files equal the base's are loaded once."""
+    refiner that finishes the base's images; components whose files equal the base's are loaded once.
+    `skip_components` are not loaded at all (the pipeline gets None); `component_devices` puts named components
+    on another device than the rest (same dtype)."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -131,7 +135,10 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     if allow_pickle:
         logger.warning("model.allow_pickle is set: pickle checkpoints can run arbitrary code when loaded")
-    pipe, root = _load_pipeline(source, revision, torch_dtype, torch_device, allow_pickle, expected_sha256)
+    pipe, root = _load_pipeline(source, revision, torch_dtype, torch_device, allow_pickle, expected_sha256,
+                                **dict.fromkeys(skip_components))
+    for name, where_to in (component_devices or {}).items():
+        getattr(pipe, name).to(resolve_device(where_to))
     try:
         family = family_for(type(pipe).__name__)
     except ValueError as e:

@@ -12,7 +12,7 @@ from typing import Any
 
 from batchgen.errors import JobConfigError
 from batchgen.models.families import Family, family_for
-from batchgen.models.schedulers import model_scheduler_name
+from batchgen.models.options import check_job_fields, component_options
 from batchgen.models.source import ModelFacts, ModelSource, model_source
 from batchgen.rows import Rules
 from batchgen.spec import ModelSpec, SamplingSpec
@@ -43,17 +43,20 @@ def plan_model(m: ModelSpec, sampling: SamplingSpec) -> tuple[dict[str, Any], Mo
         raise JobConfigError(f"`model.source` {m.source!r}: {e}") from None
     vae = where.read_json("vae/config.json")
     rules = family.rules(2 ** (len(vae["block_out_channels"]) - 1), refined=m.refiner is not None,
-                         model_scheduler=model_scheduler_name(where.read_json("scheduler/scheduler_config.json")),
-                         pipeline=pipeline)
+                         scheduler_config=where.read_json("scheduler/scheduler_config.json"),
+                         denoiser_config=where.read_json(f"{family.denoiser}/config.json"), pipeline=pipeline)
+    check_job_fields(sampling, rules)
+    components = component_options(m, where)
     if sampling.scheduler not in rules.schedulers:
         raise JobConfigError(f"`sampling.scheduler` must be one of {list(rules.schedulers)} for a {family.name} "
                              f"model but is {sampling.scheduler!r}")
     options = {"source": where.source, "revision": m.revision, "dtype": m.dtype, "device": m.device,
                "allow_pickle": m.allow_pickle, "vae_batch_size": m.vae_batch_size,
-               "channels_last": m.channels_last, "compile_denoiser": m.compile_denoiser}
+               "channels_last": m.channels_last, "compile_denoiser": m.compile_denoiser, **components}
     if where.kind == "s3":
         options["expected_sha256"] = digest  # actors refuse a model replaced after the driver hashed it
-    facts = ModelFacts(where.source, m.revision, digest, m.dtype)
+    dropped = ",".join(components.get("skip_components", ())) or None
+    facts = ModelFacts(where.source, m.revision, digest, m.dtype, dropped_components=dropped)
     if m.refiner is not None:
         refiner = model_source(m.refiner.source, m.refiner.revision, absolute=True)
         refiner_digest = refiner.sha256(m.allow_pickle)
@@ -61,7 +64,7 @@ def plan_model(m: ModelSpec, sampling: SamplingSpec) -> tuple[dict[str, Any], Mo
         options["refiner"] = {"source": refiner.source, "revision": m.refiner.revision, "start": m.refiner.start,
                               "expected_sha256": refiner_digest if refiner.kind == "s3" else None}
         facts = ModelFacts(where.source, m.revision, digest, m.dtype, refiner.source, refiner_digest,
-                           m.refiner.start)
+                           m.refiner.start, dropped)
     return options, facts, rules
 
 

@@ -77,11 +77,14 @@ class StableDiffusion3Adapter(FamilyAdapter):
         states = self.text_encoder_3(ids.to(self.text_encoder_3.device))[0]
         return states.to(device, dtype), truncated
 
+    def encoding_batch(self, key: TextKey) -> int:
+        return key[3]  # the T5 length: the conditioning's sequence length
+
     @torch.inference_mode()
     def encode_text(self, keys: list[TextKey]) -> EncodedText:
         lengths = {key[3] for key in keys}
         if len(lengths) > 1:
-            raise ValueError(f"`max_sequence_length` is a job option: one value per call, got {sorted(lengths)}")
+            raise ValueError(f"texts of different T5 lengths {sorted(lengths)} cannot be encoded in one batch")
         device, dtype = self.transformer.device, self.transformer.dtype
         states_1, pooled_1, cut_1 = self._clip(0, [key[0] for key in keys])
         states_2, pooled_2, cut_2 = self._clip(1, [key[1] for key in keys])

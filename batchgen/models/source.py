@@ -71,9 +71,11 @@ def model_source(source: str, revision: str | None = None, *, absolute: bool = F
     return ModelSource(source, "hub", revision)
 
 
-# Manifest columns about the model (name, row-contract kind), in order; null where there is no refiner.
+# Manifest columns about the model (name, row-contract kind), in order; null where there is no refiner, and
+# where the model ran with every component it has.
 MODEL_COLUMNS = (("model", "text"), ("model_revision", "text"), ("model_sha256", "text"), ("dtype", "text"),
-                 ("refiner", "text"), ("refiner_sha256", "text"), ("refiner_start", "float"))
+                 ("refiner", "text"), ("refiner_sha256", "text"), ("refiner_start", "float"),
+                 ("dropped_components", "text"))
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,9 @@ class ModelFacts:
     refiner: str | None = None
     refiner_sha256: str | None = None
     refiner_start: float | None = None
+    dropped_components: str | None = None  # comma-separated components not loaded (SD3 without T5)
 
     def manifest_record(self) -> dict[str, Any]:
         return {"model": self.source, "model_revision": self.revision, "model_sha256": self.sha256,
                 "dtype": self.dtype, "refiner": self.refiner, "refiner_sha256": self.refiner_sha256,
-                "refiner_start": self.refiner_start}
+                "refiner_start": self.refiner_start, "dropped_components": self.dropped_components}
