@@ -1,8 +1,8 @@
 """Denoiser throughput on a CUDA GPU: images/s and achieved TFLOP/s against the device's peak.
 
-    .venv/bin/python bench/gpu.py [--models sd15 sdxl sdxl-refiner] [--batches 1 2 4 8 16 32 64] [--steps 30]
-                                  [--refiner-start 0.8] [--dtype float16] [--peak-tflops N] [--channels-last]
-                                  [--compile]
+    .venv/bin/python bench/gpu.py [--models sd15 sdxl sdxl-refiner sd35m] [--batches 1 2 4 8 16 32 64]
+                                  [--steps 30] [--refiner-start 0.8] [--dtype float16] [--peak-tflops N]
+                                  [--channels-last] [--compile]
     .venv/bin/python bench/gpu.py --flops-only      # any machine: FLOPs per denoiser step, no GPU needed
 
 SD-1.5-shaped (512 px, 64x64 latents, 768-d text), SDXL-shaped (1024 px, 128x128 latents, 2048-d text,
@@ -10,7 +10,11 @@ pooled and size conditioning) and SDXL-refiner-shaped (1280-d text, aesthetic-sc
 from their configs with random weights: no downloads. With both SDXL models measured, a `sdxl+refiner` row
 gives the ensemble's images/s at the same batch: the base's steps up to `--refiner-start` of the schedule
 and the refiner's after it (the step split rounded as diffusers rounds it for the default schedule). Each
-batch of B images is one classifier-free-guidance call of 2B rows, as batchgen's engine makes it.
+batch of B images is one classifier-free-guidance call of 2B rows, as batchgen's engine makes it. An
+SD3.5-medium-shaped MMDiT-X transformer (`sd35m`, 1024 px: 128x128 latents of 16 channels in 2x2 patches,
+4096 image tokens beside 77 CLIP + 256 T5 text tokens), also random weights (skip-layer guidance, when on, adds
+a B-row pass inside its window: not measured). --flops-only also counts the T5-XXL encoder per text, what
+`model.text_encoder_3_device: cpu` moves to the CPU.
 FLOPs come from torch.utils.flop_counter.FlopCounterMode over one step on the meta device (exact for the
 graph, no memory); time from CUDA events over `--iters` steps after `--warmup`. images/s is the
 denoiser alone at `--steps` steps (no text encoder, no VAE). The peak is looked up by device name
@@ -86,6 +90,64 @@ UNETS = {
 }
 
 
+# SD3.5-medium's transformer config (stabilityai/stable-diffusion-3.5-medium, transformer/config.json).
+TRANSFORMERS = {
+    "sd35m": {
+        "latent": 128,
+        "channels": 16,
+        "text": (77 + 256, 4096),
+        "pooled": 2048,
+        "config": {
+            "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+            "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+            "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+            "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm",
+        },
+    },
+}
+# T5 v1.1 XXL's encoder, SD3's third text encoder.
+T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+          "feed_forward_proj": "gated-gelu", "dropout_rate": 0.0}
+
+
+def build_denoiser(name: str, device: str, dtype: torch.dtype):
+    if name in TRANSFORMERS:
+        from diffusers import SD3Transformer2DModel
+
+        with torch.device(device):
+            transformer = SD3Transformer2DModel(**TRANSFORMERS[name]["config"])
+        return transformer.to(dtype).eval().requires_grad_(False)
+    return build_unet(name, device, dtype)
+
+
+def denoiser_inputs(name: str, rows: int, device: str, dtype: torch.dtype) -> tuple[tuple, dict]:
+    if name not in TRANSFORMERS:
+        return inputs(name, rows, device, dtype)
+    shape = TRANSFORMERS[name]
+    return (), {
+        "hidden_states": torch.randn(rows, shape["channels"], shape["latent"], shape["latent"], device=device,
+                                     dtype=dtype),
+        "encoder_hidden_states": torch.randn(rows, *shape["text"], device=device, dtype=dtype),
+        "pooled_projections": torch.randn(rows, shape["pooled"], device=device, dtype=dtype),
+        "timestep": torch.full((rows,), 500.0, device=device, dtype=dtype),
+        "return_dict": False,
+    }
+
+
+def t5_flops_per_text(tokens: int = 256) -> float:
+    """FLOPs of one T5-XXL encoder pass over one text of `tokens` tokens (meta device: shapes only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        encoder = T5EncoderModel(T5Config(**T5_XXL)).eval()
+    ids = torch.zeros(1, tokens, dtype=torch.long, device="meta")
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        encoder(ids)
+    return counter.get_total_flops()
+
+
 def build_unet(name: str, device: str, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
 
@@ -111,11 +173,11 @@ def inputs(name: str, rows: int, device: str, dtype: torch.dtype) -> tuple[tuple
 
 
 def flops_per_row(name: str) -> float:
-    """FLOPs of one UNet step per latent row, counted on the meta device (shapes only, no compute)."""
+    """FLOPs of one denoiser step per latent row, counted on the meta device (shapes only, no compute)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet = build_unet(name, "meta", torch.float16)
-    args, kwargs = inputs(name, 2, "meta", torch.float16)
+    unet = build_denoiser(name, "meta", torch.float16)
+    args, kwargs = denoiser_inputs(name, 2, "meta", torch.float16)
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
         unet(*args, **kwargs)
@@ -170,7 +232,8 @@ def ensemble_rows(rows: list[dict], flops: dict, steps: int, start: float, peak:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=sorted(UNETS), default=["sd15", "sdxl", "sdxl-refiner"])
+    parser.add_argument("--models", nargs="+", choices=sorted(UNETS | TRANSFORMERS),
+                        default=["sd15", "sdxl", "sdxl-refiner", "sd35m"])
     parser.add_argument("--refiner-start", type=float, default=0.8,
                         help="fraction of the schedule the SDXL base runs before the refiner (sdxl+refiner row)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
@@ -197,6 +260,10 @@ def main() -> None:
         for name, per_row in flops.items():
             print(f"{name}: {per_row / 1e9:.1f} GFLOP per latent row per step; one image with CFG at "
                   f"{args.steps} steps = {2 * per_row * args.steps / 1e12:.2f} TFLOP")
+        if "sd35m" in flops:
+            t5 = t5_flops_per_text()
+            print(f"T5-XXL encoder: {t5 / 1e12:.2f} TFLOP per text at 256 tokens (each distinct prompt and "
+                  f"negative once); {t5 / (2 * flops['sd35m'] * args.steps):.1%} of one sd35m image's denoising")
         return
     device_name = torch.cuda.get_device_name()
     peak = args.peak_tflops or peak_for(device_name)
@@ -208,13 +275,13 @@ def main() -> None:
 
     rows = []
     for name in args.models:
-        unet = build_unet(name, "cuda", dtype)
+        unet = build_denoiser(name, "cuda", dtype)
         if args.channels_last:
             unet.to(memory_format=torch.channels_last)
         model = torch.compile(unet) if args.compile else unet
         for batch in args.batches:
-            call_args, kwargs = inputs(name, 2 * batch, "cuda", dtype)
-            if args.channels_last:
+            call_args, kwargs = denoiser_inputs(name, 2 * batch, "cuda", dtype)
+            if args.channels_last and call_args:
                 call_args = (call_args[0].to(memory_format=torch.channels_last), call_args[1])
             row = {"model": name, "batch": batch}
             try:
