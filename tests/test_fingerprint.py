@@ -34,7 +34,10 @@ CHANGED = {"sampling.scheduler": "euler", "sampling.width": 40, "sampling.height
 
 
 # Fields this file's sd15 model cannot take, each refused by name in the test given.
-COVERED_ELSEWHERE = {"model.refiner": "test_sdxl_jobs.py::test_sdxl_refiner_job_killed_then_resumed_exactly_once"}
+SD3_REFUSED = "test_sd3_jobs.py::test_plan_refuses_sd3_options_on_a_model_without_them"
+COVERED_ELSEWHERE = {"model.refiner": "test_sdxl_jobs.py::test_sdxl_refiner_job_killed_then_resumed_exactly_once",
+                     "model.text_encoder_3": SD3_REFUSED, "model.text_encoder_3_device": SD3_REFUSED,
+                     "sampling.max_sequence_length": SD3_REFUSED, "sampling.skip_layer_guidance": SD3_REFUSED}
 
 
 def fingerprinted_fields(spec: JobSpec) -> dict[str, Any]:

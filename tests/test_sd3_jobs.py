@@ -48,10 +48,11 @@ def test_plan_reads_the_sd3_model_and_resolves_its_job_options(tiny_sd35_dir, tm
     assert (rules.vae_scale_factor, rules.patch_size, rules.denoiser_layers) == (8, 2, 4)
     assert job.model_options["skip_components"] == ("text_encoder_3", "tokenizer_3")
     assert job.model.dropped_components == "text_encoder_3,tokenizer_3"
-    assert job.fingerprint["model.dropped_components"] == "text_encoder_3,tokenizer_3"
+    assert job.fingerprint["model"]["text_encoder_3"] is False
     sampling = job.fingerprint["sampling"]
     assert (sampling["max_sequence_length"], sampling["skip_layer_guidance"]) == (256, SLG), "unset = what runs"
-    assert plan(tiny_sd35_dir, tmp_path / "2").fingerprint["model.dropped_components"] is None
+    default = plan(tiny_sd35_dir, tmp_path / "2")
+    assert default.model.dropped_components is None and default.fingerprint["model"]["text_encoder_3"] is True
 
 
 @pytest.mark.parametrize(
