@@ -41,7 +41,8 @@ class StableDiffusion3Adapter(FamilyAdapter):
         self.max_prompt_tokens = pipe.tokenizer.model_max_length
         self.vae_batch_size = vae_batch_size
         # The transformer works on patch tokens (no NHWC layout to choose); the VAE is convolutional.
-        if self.transformer.device.type == "cuda" if channels_last is None else channels_last:
+        channels_last = self.transformer.device.type == "cuda" if channels_last is None else channels_last
+        if channels_last:
             self.vae.to(memory_format=torch.channels_last)
         self.denoiser = torch.compile(self.transformer) if compile_denoiser else self.transformer
         self.empty_key = self._key("", None, None, FIELD["max_sequence_length"].default)
