@@ -122,10 +122,11 @@ def test_sd35_job_on_s3_killed_then_resumed_records_its_options(tiny_sd35_dir, s
                                                                       prompt_2=["ink"] + [None] * (n - 1)))
     output = f"s3://{s3_bucket}/sd35"
     options = {"sampling.steps": 8, "sampling.max_sequence_length": 32, "sampling.skip_layer_guidance": SLG,
-               "model.text_encoder_3": False, "compute.batch_size": 4}
+               "model.text_encoder_3": False, "compute.batch_size": 4, "output.lease_timeout_s": 3}
     spec = job_spec(tiny_sd35_dir, prompts, output, **options)
     storage = open_storage(output)
-    # The first run is killed (its driver and its own Ray) once two batches are committed.
+    # The first run is killed (its driver and its own Ray) once two batches are committed; its lease goes stale
+    # after 3 s, so the second run takes the output over at once.
     command = [sys.executable, "-m", "batchgen", "run", str(write_spec(tmp_path / "job.yaml", spec))]
     with open(tmp_path / "killed.log", "wb") as log:
         driver = subprocess.Popen(command, cwd=REPO, env={**os.environ, "RAY_ADDRESS": "local"}, stdout=log,
