@@ -15,7 +15,7 @@ from batchgen.errors import JobConfigError
 from batchgen.manifest import manifest_parts, request_from_row
 from batchgen.models.loading import load_model
 from batchgen.pipeline import plan_job, run_job
-from batchgen.prompts import DoneKeys, RowReader, plan_input
+from batchgen.prompts import DoneKeys, RowReader, describe_groups, plan_input
 from batchgen.resume import check_fingerprint
 from batchgen.storage import open_storage
 from tests.jobs import (
@@ -51,6 +51,8 @@ def test_plan_reads_the_sd3_model_and_resolves_its_job_options(tiny_sd35_dir, tm
     assert job.fingerprint["model"]["text_encoder_3"] is False
     sampling = job.fingerprint["sampling"]
     assert (sampling["max_sequence_length"], sampling["skip_layer_guidance"]) == (256, SLG), "unset = what runs"
+    images, groups = describe_groups(job.input, job.spec.sampling, rules)  # what `batchgen validate` prints
+    assert (images, list(groups)) == (2, [(2, 32, 32, "euler", None, 256, (1, 2), 0.01, 0.6)])
     default = plan(tiny_sd35_dir, tmp_path / "2")
     assert default.model.dropped_components is None and default.fingerprint["model"]["text_encoder_3"] is True
 
