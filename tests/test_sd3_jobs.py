@@ -84,6 +84,7 @@ def test_plan_refuses_bad_sd3_options_naming_them(tiny_sd3_dir, tmp_path, overri
         ({"sampling.max_sequence_length": 77},
          "`sampling.max_sequence_length` is 77, but a stable-diffusion model does not use it"),
         ({"model.text_encoder_3": False}, "`model.text_encoder_3` is False, but model"),
+        ({"model.text_encoder_3_device": "cpu"}, "`model.text_encoder_3_device` is 'cpu', but model"),
     ],
 )
 def test_plan_refuses_sd3_options_on_a_model_without_them(tiny_model_dir, tmp_path, overrides, message):
