@@ -17,6 +17,7 @@ from batchgen.models.loading import load_model
 from batchgen.pipeline import plan_job, run_job
 from batchgen.prompts import DoneKeys, RowReader, describe_groups, plan_input
 from batchgen.resume import check_fingerprint
+from batchgen.rows import GROUP_FIELDS
 from batchgen.storage import open_storage
 from tests.jobs import (
     REPO,
@@ -52,7 +53,12 @@ def test_plan_reads_the_sd3_model_and_resolves_its_job_options(tiny_sd35_dir, tm
     sampling = job.fingerprint["sampling"]
     assert (sampling["max_sequence_length"], sampling["skip_layer_guidance"]) == (256, SLG), "unset = what runs"
     images, groups = describe_groups(job.input, job.spec.sampling, rules)  # what `batchgen validate` prints
-    assert (images, list(groups)) == (2, [(2, 32, 32, "euler", None, 256, (1, 2), 0.01, 0.6)])
+    assert images == 2 and len(groups) == 1
+    key = dict(zip(GROUP_FIELDS, next(iter(groups)), strict=True))
+    assert {name: key[name] for name in ("steps", "scheduler", "eta", "max_sequence_length", "skip_guidance_layers",
+                                         "skip_layer_guidance_start", "skip_layer_guidance_stop")} == {
+        "steps": 2, "scheduler": "euler", "eta": None, "max_sequence_length": 256, "skip_guidance_layers": (1, 2),
+        "skip_layer_guidance_start": 0.01, "skip_layer_guidance_stop": 0.6}
     default = plan(tiny_sd35_dir, tmp_path / "2")
     assert default.model.dropped_components is None and default.fingerprint["model"]["text_encoder_3"] is True
 
