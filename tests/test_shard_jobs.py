@@ -15,7 +15,17 @@ import pytest
 from batchgen.manifest import manifest_parts
 from batchgen.pipeline import run_job
 from batchgen.storage import Storage, open_storage
-from tests.jobs import REPO, assert_accounted, job_spec, manifest_rows, prompts_table, run_cli, write_spec, write_table
+from tests.jobs import (
+    REPO,
+    assert_accounted,
+    job_spec,
+    manifest_rows,
+    prompts_table,
+    run_cli,
+    wait_until_lease_free,
+    write_spec,
+    write_table,
+)
 from tests.test_faults import kill_process_tree, pairs, wait_for
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -66,6 +76,7 @@ def test_driver_killed_while_a_shard_is_open_then_rerun_lists_every_row_once(
     output = f"s3://{s3_bucket}/out"
     spec = write_spec(tmp_path / "job.yaml", job_spec(tiny_model_dir, str(prompts), output, **{
         "output.layout": "webdataset", "output.shard_samples": 4, "output.retry_deadline_s": 120,
+        "output.lease_timeout_s": 3,
         "sampling.steps": 6, "compute.batch_size": 4}))
     storage = open_storage(output, retry_deadline_s=60)
     env = {**os.environ, "RAY_ADDRESS": "local"}
@@ -87,6 +98,7 @@ def test_driver_killed_while_a_shard_is_open_then_rerun_lists_every_row_once(
     assert driver.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     before = assert_accounted(storage, pairs(rows), finished=False)
     assert 0 < len(before) < rows
+    wait_until_lease_free(storage)  # the rerun takes the killed driver's lease over once it is stale
 
     rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
