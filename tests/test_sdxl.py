@@ -71,8 +71,8 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max())
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "dpmpp_2m_karras", "ddim", "unipc"])
-@pytest.mark.parametrize("negative", ["", "blurry, low quality"])
+@pytest.mark.parametrize(("scheduler", "negative"), [("euler", ""), ("euler_a", "blurry, low quality"),
+                                                   ("dpmpp_2m_karras", ""), ("ddim", "text"), ("unipc", "")])
 def test_base_matches_diffusers(tiny_sdxl, diffusers_base, scheduler, negative):
     req = request(scheduler=scheduler, negative_prompt=negative)
     ours = Engine(tiny_sdxl).generate([req], output="float")[0].image
@@ -80,7 +80,7 @@ def test_base_matches_diffusers(tiny_sdxl, diffusers_base, scheduler, negative):
     assert max_diff(ours, reference(diffusers_base, req)) <= 1e-4
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "dpmpp_2m", "heun"])
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "heun"])
 def test_base_and_refiner_match_the_two_pipeline_ensemble(tiny_sdxl_refined, diffusers_base, diffusers_refiner,
                                                           scheduler):
     req = request(scheduler=scheduler, negative_prompt="fog", seed=123)
@@ -89,18 +89,19 @@ def test_base_and_refiner_match_the_two_pipeline_ensemble(tiny_sdxl_refined, dif
 
 
 def mixed_rows(refined: bool) -> list[GenerationRequest]:
-    """One sampling group (same steps, size, scheduler): every per-row value differs and shares the loop."""
+    """One sampling group (same steps, size, scheduler): every per-row value differs and shares the loop. The
+    rows after the third share the first row's seed and prompt, so each differs from it by its value alone."""
     rows = [
         request(seed=1),
         request(seed=2, guidance_scale=1.0),
         request(seed=3, guidance_scale=0.0, prompt="a bowl of ramen"),
-        request(seed=4, guidance_scale=3.0, negative_prompt="text", negative_prompt_2="watermark"),
-        request(seed=5, prompt_2="oil painting, impasto"),
-        request(seed=6, original_size=(64, 48), crops_coords_top_left=(8, 4), target_size=(16, 16)),
-        request(seed=7, guidance_scale=9.0, negative_prompt="", negative_prompt_2="blur"),
+        request(seed=1, guidance_scale=3.0, negative_prompt="text", negative_prompt_2="watermark"),
+        request(seed=1, prompt_2="oil painting, impasto"),
+        request(seed=1, original_size=(64, 48), crops_coords_top_left=(8, 4), target_size=(16, 16)),
+        request(seed=1, negative_prompt="", negative_prompt_2="blur", guidance_scale=9.0),
     ]
     if refined:
-        rows.append(request(seed=8, aesthetic_score=2.0, negative_aesthetic_score=7.0))
+        rows.append(request(seed=1, aesthetic_score=2.0, negative_aesthetic_score=7.0))
     return rows
 
 
@@ -117,11 +118,10 @@ def test_per_row_values_in_one_batch_match_diffusers_row_by_row(
         expected = reference(diffusers_base, row, diffusers_refiner if refined else None)
         assert max_diff(result.image, expected) <= 1e-4, row
         assert max_diff(result.image, engine.generate([row], output="float")[0].image) <= 1e-4
-    # The per-row values took effect: each changes the image against the plain row with its seed (by far more
-    # than the float noise between batch sizes).
-    plain = {r.seed: engine.generate([request(seed=r.seed)], output="float")[0].image for r in rows[3:]}
+    # The per-row values took effect: each changes the image of the first row's seed and prompt (by far more than
+    # the float noise between batch sizes).
     for row, result in zip(rows[3:], batched[3:], strict=True):
-        assert max_diff(result.image, plain[row.seed]) > 1e-4, row
+        assert max_diff(result.image, batched[0].image) > 1e-4, row
 
 
 def test_refiner_changes_the_image_and_shares_the_bases_components(tiny_sdxl, tiny_sdxl_refined):

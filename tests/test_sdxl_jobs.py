@@ -70,8 +70,8 @@ def test_sdxl_refiner_job_killed_then_resumed_exactly_once(tiny_sdxl_dir, tiny_r
     prompts = upload_table(s3_bucket, "in/p.parquet", prompts_table(n, id=ids, aesthetic_score=[4.0] + [None] * 31))
     output = f"s3://{s3_bucket}/refined"
     # A short lease timeout: the rerun takes the killed driver's lease over once it is stale.
-    spec = job_spec(tiny_sdxl_dir, prompts, output, **{"sampling.steps": 30, "compute.batch_size": 4,
-                                                       "output.lease_timeout_s": 3})
+    settings = {"sampling.steps": 30, "compute.batch_size": 4, "output.lease_timeout_s": 3}
+    spec = job_spec(tiny_sdxl_dir, prompts, output, **settings)
     spec_file = write_spec(tmp_path / "job.yaml", spec)
     storage = open_storage(output)
     # The CLI flags name the refiner; the run is killed (driver and its Ray) once two batches are committed.
@@ -91,13 +91,13 @@ def test_sdxl_refiner_job_killed_then_resumed_exactly_once(tiny_sdxl_dir, tiny_r
     assert 0 < len(before) < n
     wait_until_lease_free(storage)
 
-    refined = job_spec(tiny_sdxl_dir, prompts, output, **{
-        "sampling.steps": 30, "compute.batch_size": 4,
-        "model.refiner": {"source": str(tiny_refiner_dir), "start": 0.5}})
+    refined = job_spec(tiny_sdxl_dir, prompts, output, **settings,
+                       **{"model.refiner": {"source": str(tiny_refiner_dir), "start": 0.5}})
     later_split = refined.model_copy(update={"model": refined.model.model_copy(update={
         "refiner": refined.model.refiner.model_copy(update={"start": 0.6})})})
     with pytest.raises(JobConfigError, match="model.refiner.start: 0.5 in the output, 0.6 now"):
         check_fingerprint(storage, plan_job(later_split).fingerprint)
+    wait_until_lease_free(storage)
     run_job(refined)
     final = assert_accounted(storage, expected)
     assert all(r["status"] == "ok" for r in final.values())
