@@ -89,7 +89,6 @@ def test_sdxl_refiner_job_killed_then_resumed_exactly_once(tiny_sdxl_dir, tiny_r
     expected = {(i, 0) for i in ids}
     before = assert_accounted(storage, expected, finished=False)
     assert 0 < len(before) < n
-    wait_until_lease_free(storage)
 
     refined = job_spec(tiny_sdxl_dir, prompts, output, **settings,
                        **{"model.refiner": {"source": str(tiny_refiner_dir), "start": 0.5}})
