@@ -42,8 +42,10 @@ def test_stage_then_load_gives_the_local_models_images(remote_model, tiny_model_
                                                        monkeypatch):
     monkeypatch.setenv("BATCHGEN_MODEL_CACHE", str(tmp_path / "cache"))
     staged = load_model(remote_model, device="cpu", dtype="float32")
-    assert Path(staged.source).is_relative_to(tmp_path / "cache")
-    assert (Path(staged.source).parent / COMPLETE_MARKER).is_file()
+    assert staged.source == remote_model, "manifests record the s3:// source, not the node's cache path"
+    loaded_from = Path(staged.pipe.config._name_or_path)
+    assert loaded_from.is_relative_to(tmp_path / "cache")
+    assert (loaded_from.parent / COMPLETE_MARKER).is_file()
     assert staged.weights_sha256 == weights_sha256(tiny_model_dir), "every file arrived, byte for byte"
     request = GenerationRequest(prompt="a lighthouse", seed=11, steps=2, width=32, height=32)
     from_s3 = Engine(staged).generate([request])[0].image
@@ -54,7 +56,7 @@ def test_stage_then_load_gives_the_local_models_images(remote_model, tiny_model_
         raise AssertionError("a staged model was downloaded again")
 
     monkeypatch.setattr(S3Storage, "download", no_download)
-    assert stage_model(remote_model) == Path(staged.source)
+    assert stage_model(remote_model) == loaded_from
 
 
 def test_concurrent_stagers_download_once(remote_model, s3_server, s3_bucket, tiny_model_dir, tmp_path):
