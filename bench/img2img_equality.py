@@ -55,6 +55,7 @@ def main() -> None:
         engine = Engine(load_model(str(model_dir), device="cpu", dtype="float32"))
         pipe = getattr(diffusers, pipeline_name).from_pretrained(str(model_dir))
         pipe.set_progress_bar_config(disable=True)
+        own_config = pipe.scheduler.config  # every case builds its scheduler from the checkpoint's own config
         worst, count = 0.0, 0
         for scheduler in ("ddim", "euler_a"):
             for strength in strengths:
@@ -66,7 +67,7 @@ def main() -> None:
                                         **(extra if masked else {}))
                 ours = engine.generate([req], output="float")[0]
                 assert ours.ok, ours.error
-                pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+                pipe.scheduler = make_scheduler(scheduler, own_config)
                 kwargs = {"mask_image": mask, "height": args.px, "width": args.px} if masked else {}
                 theirs = pipe(req.prompt, image=init, strength=strength, negative_prompt=req.negative_prompt,
                               num_inference_steps=args.steps, guidance_scale=req.guidance_scale,

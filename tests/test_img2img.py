@@ -55,13 +55,13 @@ def images_of(req: GenerationRequest) -> tuple[Image.Image, Image.Image | None]:
 def diffusers_pipeline(pipeline_class, model_dir):
     pipe = pipeline_class.from_pretrained(str(model_dir))
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe, pipe.scheduler.config  # the checkpoint's own: every reference builds its scheduler from it
 
 
 def reference(pipeline_class, model_dir, req: GenerationRequest, image: Image.Image | None = None) -> np.ndarray:
     """diffusers' own pipeline for the mode, one row, one CPU generator seeded with the row's seed."""
-    pipe = diffusers_pipeline(pipeline_class, model_dir)
-    pipe.scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
+    pipe, scheduler_config = diffusers_pipeline(pipeline_class, model_dir)
+    pipe.scheduler = make_scheduler(req.scheduler, scheduler_config)
     own_image, mask = images_of(req)
     kwargs = {"mask_image": mask, "height": req.height, "width": req.width} if mask is not None else {}
     out = pipe(req.prompt, image=image or own_image, strength=req.strength, negative_prompt=req.negative_prompt or None,
@@ -117,11 +117,9 @@ def test_init_image_of_another_size_is_stretched_to_the_row_size(tiny_model, tin
 def mixed_rows() -> list[GenerationRequest]:
     return [
         request(0.3, seed=1),
-        request(0.75, seed=2, image=init_image(1)),
-        request(1.0, seed=3, prompt="a bowl of ramen", negative_prompt="text"),
-        request(0.75, seed=4, guidance_scale=1.0),
+        request(0.75, seed=2, image=init_image(1), guidance_scale=1.0),
+        request(0.75, seed=3, prompt="a bowl of ramen", negative_prompt="text"),
         request(0.75, seed=6, mask=mask_image(1)),
-        request(0.75, seed=7, mask=mask_image(2), image=init_image(2)),
         dataclasses.replace(request(0.75, seed=9), init_image=None, strength=None, init_pixels=None,
                             init_image_size=None),
     ]
@@ -136,7 +134,7 @@ def test_mixed_strengths_batch_equals_one_at_a_time_and_diffusers(tiny_model, ti
     for row, result in zip(rows, batched, strict=True):
         single = engine.generate([row], output="float")[0]
         assert np.abs(result.image - single.image).max() <= 1e-4
-    for i in (0, 1, 2, 4):
+    for i in (0, 1, 3):
         pipeline = StableDiffusionInpaintPipeline if rows[i].mask_image else StableDiffusionImg2ImgPipeline
         assert np.abs(batched[i].image - reference(pipeline, tiny_model_dir, rows[i])).max() <= 1e-4
     assert np.abs(batched[0].image - batched[1].image).max() > 1e-2

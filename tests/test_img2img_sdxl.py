@@ -22,13 +22,13 @@ def diffusers_pipeline(model_dir, inpaint: bool = False):
     pipeline_class = StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLImg2ImgPipeline
     pipe = pipeline_class.from_pretrained(str(model_dir))
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe, pipe.scheduler.config  # the checkpoint's own: every reference builds its scheduler from it
 
 
 def reference(model_dir, req) -> np.ndarray:
     image, mask = images_of(req)
-    pipe = diffusers_pipeline(model_dir, inpaint=mask is not None)
-    pipe.scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
+    pipe, scheduler_config = diffusers_pipeline(model_dir, inpaint=mask is not None)
+    pipe.scheduler = make_scheduler(req.scheduler, scheduler_config)
     kwargs = {"mask_image": mask, "height": req.height, "width": req.width} if mask is not None else {}
     out = pipe(req.prompt, image=image, strength=req.strength, negative_prompt=req.negative_prompt or None,
                num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
