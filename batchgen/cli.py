@@ -170,9 +170,12 @@ def validate(spec, verbose, **flags):
     from batchgen.rows import GROUP_FIELDS
 
     click.echo(f"model family: {plan.rules.family}; schedulers: {', '.join(plan.rules.schedulers)}")
-    click.echo(f"sub-batch groups ({', '.join(GROUP_FIELDS)}): {len(groups)}")
+    # Only the group fields some row sets: the others (another family's, or img2img's on a text-only job) are
+    # null or False ("no image") in every key and would only widen each line.
+    shown = [i for i, _ in enumerate(GROUP_FIELDS) if any(key[i] is not None and key[i] is not False for key in groups)]
+    click.echo(f"sub-batch groups ({', '.join(GROUP_FIELDS[i] for i in shown)}): {len(groups)}")
     for key, count in sorted(groups.items(), key=lambda kv: -kv[1])[:20]:
-        click.echo(f"  {key}: {count} images")
+        click.echo(f"  {tuple(key[i] for i in shown)}: {count} images")
     click.echo(f"generator actors: {resources.min_actors}-{resources.max_actors}, each {resources.cpus_per_actor} CPU, "
                f"{resources.gpus_per_actor:g} GPU, {resources.torch_threads} torch threads; batch size "
                f"{job.compute.batch_size} (sized for this machine; a cluster is sized when the job starts)")
