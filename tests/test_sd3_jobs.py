@@ -124,14 +124,14 @@ def test_bad_rows_become_error_rows_naming_field_value_and_rule(tiny_sd3_dir, tm
 @pytest.mark.timeout(600)
 @pytest.mark.usefixtures("ray_local")
 def test_sd35_job_on_s3_killed_then_resumed_records_its_options(tiny_sd35_dir, s3_server, s3_bucket, tmp_path):
-    n = 24
+    n = 48  # 24 batches of 2: on a quiet machine a 6-batch job finished before the kill landed
     ids = [f"r{i:02d}" for i in range(n)]
     guidance = [1.0] + [None] * (n - 1)
     prompts = upload_table(s3_bucket, "in/p.parquet", prompts_table(n, id=ids, guidance_scale=guidance,
                                                                       prompt_2=["ink"] + [None] * (n - 1)))
     output = f"s3://{s3_bucket}/sd35"
     options = {"sampling.steps": 8, "sampling.max_sequence_length": 32, "sampling.skip_layer_guidance": SLG,
-               "model.text_encoder_3": False, "compute.batch_size": 4, "output.lease_timeout_s": 3}
+               "model.text_encoder_3": False, "compute.batch_size": 2, "output.lease_timeout_s": 3}
     spec = job_spec(tiny_sd35_dir, prompts, output, **options)
     storage = open_storage(output)
     # The first run is killed (its driver and its own Ray) once two batches are committed; its lease goes stale
