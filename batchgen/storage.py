@@ -87,6 +87,12 @@ def _escape_part(part: str) -> str:
     return f"{head}~{hashlib.sha256(raw).hexdigest()[:_HASH_CHARS]}"
 
 
+def _temp_beside(path: Path) -> Path:
+    """A unique hidden name next to `path` (matched by _TEMP_NAME, so `list` never shows it) for writing an
+    object whole before it is moved or linked into place."""
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+
+
 def _check_key(key: str) -> None:
     if not key or key.startswith("/") or "\0" in key or {"", ".", ".."} & set(key.split("/")):
         raise ValueError(f"storage key must be a relative path without empty, '.' or '..' parts, got {key!r}")
@@ -182,7 +188,7 @@ class LocalStorage(Storage):
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
         path = self._path(key)
-        temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        temp = _temp_beside(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -198,7 +204,7 @@ class LocalStorage(Storage):
         # Written whole under a temp name, then hard-linked to the key: link() fails if the key exists, and
         # the key never shows a partly written file.
         path = self._path(key)
-        temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        temp = _temp_beside(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -215,7 +221,7 @@ class LocalStorage(Storage):
     @contextmanager
     def open_write(self, key: str, content_type: str | None = None) -> Iterator[BinaryIO]:
         path = self._path(key)
-        temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")  # hidden from `list`, renamed into place
+        temp = _temp_beside(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(temp, "wb") as file:
