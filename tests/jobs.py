@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -13,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from batchgen.manifest import SUCCESS_KEY, inspect_output, read_manifests, read_success
+from batchgen.manifest import SUCCESS_KEY, inspect_output, manifest_parts, read_manifests, read_success
 from batchgen.spec import JobSpec, dump_spec, load_spec
 from batchgen.storage import Storage
 
@@ -134,6 +138,48 @@ def wait_until_lease_free(storage: Storage, timeout: float = 60) -> None:
             return
         assert time.monotonic() < deadline, f"the lease on {storage.uri} stayed live for {timeout} s: {holder}"
         time.sleep(0.1)
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def kill_process_tree(process: subprocess.Popen, timeout: float = 30) -> list[psutil.Process]:
+    """SIGKILL the driver's process group, then every process it had started (Ray's gcs and raylet share the
+    group; Ray workers have groups of their own and exit when their raylet dies). Returns the processes that
+    outlived the driver by more than `timeout` (then killed by pid)."""
+    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(10)
+    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    for survivor in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            survivor.kill()
+    psutil.wait_procs(alive, timeout=10)
+    return alive
+
+def kill_run_after_manifests(spec_file: Path, storage: Storage, log: Path, *args: str, manifests: int = 2,
+                             timeout: float = 300, env: dict[str, str] | None = None) -> list[psutil.Process]:
+    """Runs `batchgen run SPEC ARGS` with a Ray of its own and SIGKILLs it and its processes once `manifests`
+    manifest parts are committed; fails if it finished first. Returns the processes that outlived it."""
+    command = [sys.executable, "-m", "batchgen", "run", str(spec_file), *args]
+    with open(log, "wb") as sink:
+        driver = subprocess.Popen(command, cwd=REPO, env=env or {**os.environ, "RAY_ADDRESS": "local"},
+                                  stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: len(manifest_parts(storage)) >= manifests or driver.poll() is not None, timeout,
+                 f"{manifests} manifests from the first run", 0.1)
+    finally:
+        survivors = kill_process_tree(driver)
+    assert driver.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    return survivors
 
 
 class JobThread(threading.Thread):

@@ -31,9 +31,11 @@ from tests.jobs import (
     JobThread,
     assert_accounted,
     job_spec,
+    kill_run_after_manifests,
     manifest_rows,
     prompts_table,
     success,
+    wait_for,
     wait_until_lease_free,
     write_spec,
     write_table,
@@ -44,16 +46,6 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 def pairs(n: int, file_key: str = "p.parquet") -> set[tuple[str, int]]:
     return {(f"{file_key}:{i}", 0) for i in range(n)}
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def busy_generator_pid(storage) -> int | None:
@@ -269,22 +261,6 @@ def throttling_proxy(upstream: str, every: int) -> Iterator[dict[str, int]]:
         server.server_close()
 
 
-def kill_process_tree(process: subprocess.Popen, timeout: float = 30) -> list[psutil.Process]:
-    """SIGKILL the driver's process group, then every process it had started (Ray's gcs and raylet share the
-    group; Ray workers have groups of their own and exit when their raylet dies). Returns the processes that
-    outlived the driver by more than `timeout` (then killed by pid)."""
-    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(10)
-    _, alive = psutil.wait_procs(tree, timeout=timeout)
-    for survivor in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            survivor.kill()
-    psutil.wait_procs(alive, timeout=10)
-    return alive
-
-
 @pytest.mark.timeout(420)
 def test_driver_killed_mid_job_then_the_same_command_resumes_through_a_throttling_s3(
     tiny_model_dir, s3_server, s3_bucket, tmp_path
@@ -298,16 +274,7 @@ def test_driver_killed_mid_job_then_the_same_command_resumes_through_a_throttlin
     storage = open_storage(output)
     with throttling_proxy(s3_server.endpoint, every=4) as proxy:
         env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy['port']}", "RAY_ADDRESS": "local"}
-        command = [sys.executable, "-m", "batchgen", "run", str(spec)]
-        with open(tmp_path / "killed.log", "wb") as log:
-            driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-        try:
-            wait_for(lambda: len(manifest_parts(storage)) >= 2 or driver.poll() is not None, 240,
-                     "two manifests from the first run", 0.1)
-        finally:
-            survivors = kill_process_tree(driver)
-        assert driver.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+        survivors = kill_run_after_manifests(spec, storage, tmp_path / "killed.log", timeout=240, env=env)
         assert not survivors, f"processes outlived the killed driver by 30 s: {survivors}"
         before = assert_accounted(storage, pairs(rows), finished=False)
         assert 0 < len(before) < rows
@@ -315,7 +282,8 @@ def test_driver_killed_mid_job_then_the_same_command_resumes_through_a_throttlin
         assert not holder.released, "a SIGKILLed driver cannot release its lease"
         wait_until_lease_free(storage)  # the rerun takes the dead driver's lease over once it is stale
 
-        rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        rerun = subprocess.run([sys.executable, "-m", "batchgen", "run", str(spec)], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     final = assert_accounted(storage, pairs(rows))
     assert all(r["status"] == "ok" for r in final.values())

@@ -3,16 +3,12 @@ with skip-layer guidance and without T5, killed and resumed."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from batchgen.engine import Engine
 from batchgen.errors import JobConfigError
-from batchgen.manifest import manifest_parts, request_from_row
+from batchgen.manifest import request_from_row
 from batchgen.models.loading import load_model
 from batchgen.pipeline import plan_job, run_job
 from batchgen.prompts import DoneKeys, RowReader, describe_groups, plan_input
@@ -20,17 +16,16 @@ from batchgen.resume import check_fingerprint
 from batchgen.rows import GROUP_FIELDS
 from batchgen.storage import open_storage
 from tests.jobs import (
-    REPO,
     assert_accounted,
     decode,
     job_spec,
+    kill_run_after_manifests,
     prompts_table,
     run_cli,
     success,
     write_spec,
     write_table,
 )
-from tests.test_faults import kill_process_tree, wait_for
 from tests.test_job import upload_table
 
 SLG = {"layers": [1, 2], "scale": 2.8, "start": 0.01, "stop": 0.6}
@@ -136,16 +131,7 @@ def test_sd35_job_on_s3_killed_then_resumed_records_its_options(tiny_sd35_dir, s
     storage = open_storage(output)
     # The first run is killed (its driver and its own Ray) once two batches are committed; its lease goes stale
     # after 3 s, so the second run takes the output over at once.
-    command = [sys.executable, "-m", "batchgen", "run", str(write_spec(tmp_path / "job.yaml", spec))]
-    with open(tmp_path / "killed.log", "wb") as log:
-        driver = subprocess.Popen(command, cwd=REPO, env={**os.environ, "RAY_ADDRESS": "local"}, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for(lambda: len(manifest_parts(storage)) >= 2 or driver.poll() is not None, 420,
-                 "two manifests from the first run", 0.1)
-    finally:
-        kill_process_tree(driver)
-    assert driver.returncode < 0, (tmp_path / "killed.log").read_text()[-3000:]
+    kill_run_after_manifests(write_spec(tmp_path / "job.yaml", spec), storage, tmp_path / "killed.log", timeout=420)
     expected = {(i, 0) for i in ids}
     before = assert_accounted(storage, expected, finished=False)
     assert 0 < len(before) < n

@@ -3,33 +3,28 @@ resumed."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from batchgen.engine import Engine
 from batchgen.errors import JobConfigError
-from batchgen.manifest import manifest_parts, request_from_row
+from batchgen.manifest import request_from_row
 from batchgen.models.loading import load_model
 from batchgen.pipeline import plan_job, run_job
 from batchgen.resume import check_fingerprint
 from batchgen.storage import open_storage
 from tests.jobs import (
-    REPO,
     assert_accounted,
     decode,
     job_spec,
+    kill_run_after_manifests,
     prompts_table,
     run_cli,
     success,
     wait_until_lease_free,
     write_spec,
 )
-from tests.test_faults import kill_process_tree, wait_for
 from tests.test_job import upload_table
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -75,17 +70,8 @@ def test_sdxl_refiner_job_killed_then_resumed_exactly_once(tiny_sdxl_dir, tiny_r
     spec_file = write_spec(tmp_path / "job.yaml", spec)
     storage = open_storage(output)
     # The CLI flags name the refiner; the run is killed (driver and its Ray) once two batches are committed.
-    command = [sys.executable, "-m", "batchgen", "run", str(spec_file), "--refiner", str(tiny_refiner_dir),
-               "--refiner-start", "0.5"]
-    with open(tmp_path / "killed.log", "wb") as log:
-        driver = subprocess.Popen(command, cwd=REPO, env={**os.environ, "RAY_ADDRESS": "local"}, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for(lambda: len(manifest_parts(storage)) >= 2 or driver.poll() is not None, 300,
-                 "two manifests from the first run", 0.1)
-    finally:
-        kill_process_tree(driver)
-    assert driver.returncode < 0, (tmp_path / "killed.log").read_text()[-3000:]
+    kill_run_after_manifests(spec_file, storage, tmp_path / "killed.log", "--refiner", str(tiny_refiner_dir),
+                             "--refiner-start", "0.5")
     expected = {(i, 0) for i in ids}
     before = assert_accounted(storage, expected, finished=False)
     assert 0 < len(before) < n

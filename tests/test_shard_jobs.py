@@ -19,14 +19,16 @@ from tests.jobs import (
     REPO,
     assert_accounted,
     job_spec,
+    kill_process_tree,
     manifest_rows,
     prompts_table,
     run_cli,
+    wait_for,
     wait_until_lease_free,
     write_spec,
     write_table,
 )
-from tests.test_faults import kill_process_tree, pairs, wait_for
+from tests.test_faults import pairs
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
