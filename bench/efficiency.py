@@ -1,6 +1,7 @@
 """Pipeline efficiency: steady-state images/s of the whole `batchgen run` over images/s of the bare engine.
 
     .venv/bin/python bench/efficiency.py [--small 40] [--large 200] [--repeats 3] [--px 128] [--steps 10]
+    .venv/bin/python bench/efficiency.py --layout webdataset     # or parquet: shards of --shard-samples images
 
 Both sides use the same SD-shaped random-weight model (`--size bench`), batch size, steps, size, guidance
 and total torch threads. The bare side is `batchgen.engine.Engine.generate` in this process, after one
@@ -144,6 +145,10 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both sides")
     parser.add_argument("--size", default="bench", help="tiny-model size (batchgen/tiny.py SIZES)")
+    parser.add_argument("--layout", default="files", choices=["files", "webdataset", "parquet"],
+                        help="output.layout of the pipeline side")
+    parser.add_argument("--shard-samples", type=int, default=40,
+                        help="output.shard_samples for the shard layouts (small, so shards roll over mid-run)")
     add_quiet_options(parser, max_attempts=8)
     parser.add_argument("--isolate", action="store_true",
                         help="give the model every core but core 0 (and that many torch threads, both sides); "
@@ -161,7 +166,9 @@ def main() -> None:
     from batchgen.engine import Engine
     from batchgen.models.loading import load_model
 
-    work = OUT / ("efficiency-isolated" if args.isolate else "efficiency")
+    name = ("efficiency-isolated" if args.isolate else "efficiency") + (
+        "" if args.layout == "files" else f"-{args.layout}")
+    work = OUT / name
     model_dir = bench_model(args.size)
     moto = MotoServer(work / "moto.log")
     bucket = moto.bucket("bench")
@@ -187,6 +194,8 @@ def main() -> None:
                 spec = job(model_dir, f"s3://{bucket}/prompts/{n}.parquet", f"s3://{bucket}/runs/{r}-{n}",
                            steps=args.steps, px=args.px, guidance=args.guidance, batch_size=args.batch_size,
                            threads=args.threads)
+                if args.layout != "files":
+                    spec["output"].update(layout=args.layout, shard_samples=args.shard_samples)
                 specs[n] = write_spec(work / f"job-{n}.yaml", spec)
                 if cores:
                     cores.start_watch()
@@ -252,12 +261,13 @@ def main() -> None:
                                                                  "efficiency", "large_whole_run_images_s",
                                                                  "model_busy_fraction", "model_speed_vs_bare")},
     }
-    path = save("efficiency-isolated" if args.isolate else "efficiency", result)
+    path = save(name, result)
     print()
     if cores:
         print(f"isolated: model on cores {sorted(cores.model)}, everything else on {sorted(cores.rest)}")
     print(f"model={args.size} px={args.px} steps={args.steps} batch={args.batch_size} guidance={args.guidance} "
-          f"threads={args.threads}; pipeline: S3 (moto) in and out, PNG; small={args.small} large={args.large}")
+          f"threads={args.threads}; pipeline: S3 (moto) in and out, PNG, layout {args.layout}; "
+          f"small={args.small} large={args.large}")
     print(table(repeats, [("repeat", "repeat", "d"), ("load1_before", "load1", ".2f"),
                           ("other_cores_bare", "other cores (bare)", ".2f"),
                           ("other_cores_pipeline", "other cores (pipeline)", ".2f"),
