@@ -395,6 +395,9 @@ def _safe_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None if value is None else repr(value)[:200]
 
 
+DESCRIBE_BATCH_ROWS = 4096
+
+
 def describe_groups(plan: InputPlan, sampling: SamplingSpec, rules: Rules = ANY_MODEL) -> tuple[int, dict[tuple, int]]:
     """(images, images per sub-batch group (the row fields in GROUP_FIELDS)): reads only those columns."""
     fs, _ = filesystem_for(plan.uri)
@@ -406,20 +409,21 @@ def describe_groups(plan: InputPlan, sampling: SamplingSpec, rules: Rules = ANY_
             present = set(parquet.schema_arrow.names)
             needed = (*GROUP_FIELDS, *(FIELD[g].requires for g in GROUP_FIELDS if FIELD[g].requires), "num_images")
             wanted = {field: column for field, column in plan.columns.items() if field in needed and column in present}
-            table = parquet.read(columns=list(wanted.values()))
-        values = {field: table.column(column).to_pylist() for field, column in wanted.items()}
-        for i in range(table.num_rows):
-            count = values.get("num_images", [None] * table.num_rows)[i]
-            count = sampling.num_images if count is None else count
-            if not isinstance(count, int):
-                continue  # an error row: no images
-            row = {g: values[g][i] for g in values if g != "num_images"}
-            row.update({g: "table" for g in IMAGE_FIELDS if isinstance(row.get(g), bytes)})
-            try:
-                resolved = resolve_fields({"prompt": "-", **row}, sampling, rules)
-            except RowError:
-                continue  # an error row: no images
-            key = tuple(group_value(g, resolved.get(g)) for g in GROUP_FIELDS)
-            images += count
-            groups[key] = groups.get(key, 0) + count
+            # Batch by batch: an image column holding the images' bytes would otherwise sit whole on the driver.
+            for batch in parquet.iter_batches(batch_size=DESCRIBE_BATCH_ROWS, columns=list(wanted.values())):
+                values = {field: batch.column(column).to_pylist() for field, column in wanted.items()}
+                for i in range(batch.num_rows):
+                    count = values["num_images"][i] if "num_images" in values else None
+                    count = sampling.num_images if count is None else count
+                    if not isinstance(count, int):
+                        continue  # an error row: no images
+                    row = {g: values[g][i] for g in values if g != "num_images"}
+                    row.update({g: "table" for g in IMAGE_FIELDS if isinstance(row.get(g), bytes)})
+                    try:
+                        resolved = resolve_fields({"prompt": "-", **row}, sampling, rules)
+                    except RowError:
+                        continue  # an error row: no images
+                    key = tuple(group_value(g, resolved.get(g)) for g in GROUP_FIELDS)
+                    images += count
+                    groups[key] = groups.get(key, 0) + count
     return images, groups

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from batchgen import prompts
 from batchgen.errors import JobConfigError
-from batchgen.prompts import DoneKeys, RowReader, derive_seed, plan_input, sample_key
+from batchgen.prompts import DoneKeys, RowReader, derive_seed, describe_groups, plan_input, sample_key
+from batchgen.rows import GROUP_FIELDS
 from batchgen.spec import InputSpec, SamplingSpec
 from tests.jobs import prompts_table, write_table
 
@@ -99,3 +102,28 @@ def test_done_keys_membership():
     assert len(done) == 500
     assert all(k in done for k in keys[:500]) and not any(k in done for k in keys[500:])
     assert 0 not in DoneKeys() and 2**64 - 1 not in done
+
+
+def test_describe_groups_counts_batch_by_batch_with_image_bytes(tmp_path, monkeypatch):
+    """`batchgen validate` reads the group columns in batches (an init_image column of bytes is not held whole):
+    the counts are those of the rows, whatever the batch size, and bytes count as an image."""
+    n = 10
+    table = pa.table({"prompt": [f"p{i}" for i in range(n)], "num_images": [1, 2] * 5,
+                      "init_image": [b"\x89PNG" if i % 3 else None for i in range(n)],
+                      "strength": [0.5 if i in (1, 2) else None for i in range(n)]})
+    path = tmp_path / "p.parquet"
+    pq.write_table(table, path, row_group_size=4)
+    plan = plan_input(InputSpec(prompts=str(path)))
+    counts = []
+    for batch_rows in (3, 4096):
+        monkeypatch.setattr(prompts, "DESCRIBE_BATCH_ROWS", batch_rows)
+        counts.append(describe_groups(plan, SamplingSpec()))
+    assert counts[0] == counts[1]
+    images, groups = counts[0]
+    assert images == 15
+    by_image = {}
+    for key, count in groups.items():
+        fields = dict(zip(GROUP_FIELDS, key, strict=True))
+        pair = fields["init_image"], fields["strength"]
+        by_image[pair] = by_image.get(pair, 0) + count
+    assert by_image == {(True, 0.5): 3, (True, 0.8): 6, (False, None): 6}, by_image
