@@ -148,7 +148,8 @@ class InputPlan:
 
 def plan_input(spec: InputSpec, rules: Rules = ANY_MODEL, output: str | None = None) -> InputPlan:
     """Check every file's footer (no row data) and map columns; job-level problems raise JobConfigError. Columns
-    named after a field the model's family does not use are carried like any other column. Files inside the
+    named after a field the model's family does not use are carried like any other column, except images (an
+    ignored mask or init image would change what the rows mean). Files inside the
     `output` URI are not input (list_input_files)."""
     fs, root, files = list_input_files(spec.prompts, exclude=output)
     field_of = {source: target for source, target in spec.columns.items()}
@@ -187,6 +188,9 @@ def plan_input(spec: InputSpec, rules: Rules = ANY_MODEL, output: str | None = N
                 if mapped.setdefault(name, field.name) != field.name:
                     raise JobConfigError(f"field {name!r} is column {field.name!r} in {path!r} but column "
                                          f"{mapped[name]!r} in {types[name][1]!r}")
+            elif name in IMAGE_FIELDS:  # carried into `extra`, a mask would be silently ignored
+                raise JobConfigError(f"input file {path!r} has column {field.name!r}, an image a {rules.family} "
+                                     f"model does not use; its fields: {sorted(usable)}")
             elif name not in extras:
                 extras.append(name)
         file_key = path[len(root) :].lstrip("/") or os.path.basename(path)

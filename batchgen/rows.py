@@ -412,6 +412,13 @@ def check_together(values: dict[str, Any], rules: Rules) -> None:
     for f in FIELDS:
         if f.requires and f.name in rules.fields and values.get(f.name) is not None and values.get(f.requires) is None:
             raise RowError(f.name, values[f.name], f"must be null when `{f.requires}` is")
+    for name in IMAGE_FIELDS:  # an image the model cannot use would be silently ignored (a mask on SD3)
+        if name not in rules.fields and values.get(name) is not None:
+            raise RowError(name, values[name], f"must be null: this {rules.family} model does not use it")
+    if values.get("init_image") is not None and values.get("skip_guidance_layers") is not None:
+        raise RowError("skip_guidance_layers", values["skip_guidance_layers"], "must be null "
+                       "(`sampling.skip_layer_guidance` unset) for a row with an init_image: diffusers' img2img "
+                       "pipeline has no skip-layer guidance")
     for name in rules.needs:
         if values.get(name) is None:
             raise RowError(name, None, f"must be set: this {rules.family} checkpoint needs {' and '.join(rules.needs)}"

@@ -1,11 +1,12 @@
 """The img2img and inpainting equality table: batchgen's images against each diffusers pipeline, max abs difference.
 
-    .venv/bin/python bench/img2img_equality.py [--steps 4] [--px 32]
+    .venv/bin/python bench/img2img_equality.py [--steps 4] [--px 32] [--only SD3]
 
 Tiny random-weight models built by batchgen (`make-tiny-model --family sd15 | sd15-inpaint | sdxl |
-sdxl-refiner`), float32 on CPU, one row per call with the row's seed on both sides, strengths 0.3 / 0.75 / 1.0
+sdxl-refiner | sd3`), float32 on CPU, one row per call with the row's seed on both sides, strengths 0.3 / 0.75 / 1.0
 (SDXL inpainting also its default 0.9999), schedulers DDIM and Euler ancestral (whose per-step noise makes the
-RNG order visible). Prints one line per (family, mode) with the largest difference over its cases.
+RNG order visible; SD3: flow-match Euler and Heun). Prints one line per (family, mode) with the largest
+difference over its cases; `--only` runs the modes whose name contains it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--px", type=int, default=32)
+    parser.add_argument("--only", default="", help="run only the modes whose name contains this")
     args = parser.parse_args()
 
     import diffusers
@@ -39,16 +41,23 @@ def main() -> None:
     from batchgen.models.tiny import make_tiny_model
 
     init, mask = images(args.px)
-    cases = [  # (family and mode, tiny model, diffusers pipeline, masked, strengths)
-        ("SD img2img", "sd15", "StableDiffusionImg2ImgPipeline", False, (0.3, 0.75, 1.0)),
-        ("SD inpainting, 9-channel UNet", "sd15-inpaint", "StableDiffusionInpaintPipeline", True, (0.3, 0.75, 1.0)),
-        ("SD inpainting, 4-channel UNet", "sd15", "StableDiffusionInpaintPipeline", True, (0.3, 0.75, 1.0)),
-        ("SDXL img2img (base)", "sdxl", "StableDiffusionXLImg2ImgPipeline", False, (0.3, 0.75, 1.0)),
-        ("SDXL img2img (refiner alone)", "sdxl-refiner", "StableDiffusionXLImg2ImgPipeline", False, (0.3, 0.75, 1.0)),
-        ("SDXL inpainting, 4-channel UNet", "sdxl", "StableDiffusionXLInpaintPipeline", True, (0.3, 0.9999, 1.0)),
+    discrete, flow = ("ddim", "euler_a"), ("euler", "heun")
+    cases = [  # (family and mode, tiny model, diffusers pipeline, masked, strengths, schedulers)
+        ("SD img2img", "sd15", "StableDiffusionImg2ImgPipeline", False, (0.3, 0.75, 1.0), discrete),
+        ("SD inpainting, 9-channel UNet", "sd15-inpaint", "StableDiffusionInpaintPipeline", True, (0.3, 0.75, 1.0),
+         discrete),
+        ("SD inpainting, 4-channel UNet", "sd15", "StableDiffusionInpaintPipeline", True, (0.3, 0.75, 1.0), discrete),
+        ("SDXL img2img (base)", "sdxl", "StableDiffusionXLImg2ImgPipeline", False, (0.3, 0.75, 1.0), discrete),
+        ("SDXL img2img (refiner alone)", "sdxl-refiner", "StableDiffusionXLImg2ImgPipeline", False, (0.3, 0.75, 1.0),
+         discrete),
+        ("SDXL inpainting, 4-channel UNet", "sdxl", "StableDiffusionXLInpaintPipeline", True, (0.3, 0.9999, 1.0),
+         discrete),
+        ("SD3 img2img", "sd3", "StableDiffusion3Img2ImgPipeline", False, (0.3, 0.75, 1.0), flow),
     ]
     rows = []
-    for name, family, pipeline_name, masked, strengths in cases:
+    for name, family, pipeline_name, masked, strengths, schedulers in cases:
+        if args.only not in name:
+            continue
         model_dir = OUT / "models" / f"tiny-{family}"
         if not (model_dir / "model_index.json").is_file():
             make_tiny_model(model_dir, family)
@@ -57,7 +66,8 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
         own_config = pipe.scheduler.config  # every case builds its scheduler from the checkpoint's own config
         worst, count = 0.0, 0
-        for scheduler in ("ddim", "euler_a"):
+        table_name = "flow" if schedulers == flow else "discrete"
+        for scheduler in schedulers:
             for strength in strengths:
                 extra = {"mask_image": "mask.png", "mask_pixels": mask.tobytes(), "mask_image_size": (args.px, args.px)}
                 req = GenerationRequest(prompt="a lighthouse on a cliff", negative_prompt="blurry", seed=7,
@@ -67,8 +77,10 @@ def main() -> None:
                                         **(extra if masked else {}))
                 ours = engine.generate([req], output="float")[0]
                 assert ours.ok, ours.error
-                pipe.scheduler = make_scheduler(scheduler, own_config)
-                kwargs = {"mask_image": mask, "height": args.px, "width": args.px} if masked else {}
+                pipe.scheduler = make_scheduler(scheduler, own_config, table_name)
+                kwargs = {"mask_image": mask} if masked else {}
+                if masked or table_name == "flow":  # SD3 img2img does not take the size from the image
+                    kwargs.update(height=args.px, width=args.px)
                 theirs = pipe(req.prompt, image=init, strength=strength, negative_prompt=req.negative_prompt,
                               num_inference_steps=args.steps, guidance_scale=req.guidance_scale,
                               generator=torch.Generator().manual_seed(req.seed), output_type="np", **kwargs).images[0]

@@ -66,6 +66,7 @@ SDXL_FIELDS = frozenset(("prompt_2", "negative_prompt_2", "original_size", "crop
 SD3_FIELDS = (COMMON_FIELDS - {"eta"}) | frozenset(
     ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "max_sequence_length", "skip_guidance_layers",
      "skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop"))
+MASK_FIELDS = frozenset(("mask_image", "mask_image_sha256", "mask_image_size", "mask_pixels"))
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -79,8 +80,10 @@ FAMILIES: tuple[Family, ...] = (
            refiner_fields=frozenset(("aesthetic_score", "negative_aesthetic_score")),
            refiner_pipelines=("StableDiffusionXLImg2ImgPipeline",), strength=0.3, inpaint_strength=0.9999,
            needs=(("StableDiffusionXLImg2ImgPipeline", ("init_image",)),)),
-    Family("stable-diffusion-3", ("StableDiffusion3Pipeline",), SD3_FIELDS, scheduler_names("flow"),
-           "batchgen.models.sd3:StableDiffusion3Adapter", scheduler_table="flow", denoiser="transformer"),
+    # SD3 img2img without masks: StableDiffusion3InpaintPipeline is not followed yet.
+    Family("stable-diffusion-3", ("StableDiffusion3Pipeline",), SD3_FIELDS | (IMG2IMG_FIELDS - MASK_FIELDS),
+           scheduler_names("flow"), "batchgen.models.sd3:StableDiffusion3Adapter", strength=0.6,
+           whole_strength_steps=False, scheduler_table="flow", denoiser="transformer"),
 )
 
 

@@ -6,7 +6,9 @@ T5's width, then T5's states after them along the sequence; the pooled projectio
 Without T5 its part is zeros of the same shape. Flow-matching schedulers start from unit noise and take the
 model input unscaled; a checkpoint with dynamic shifting gets `mu` from the image size, as diffusers computes it.
 Skip-layer guidance (SD3.5-medium) adds, for the rows that use CFG and only inside its step window, a pass of the
-conditional branch without the named transformer blocks.
+conditional branch without the named transformer blocks. Image-to-image is diffusers' StableDiffusion3Img2ImgPipeline:
+the schedule (with `mu`) cut by strength without rounding the step count, the init latents noised with
+`scale_noise`; that pipeline has no skip-layer guidance, so rows with an init image never use it (rows.py refuses).
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers import StableDiffusion3Img2ImgPipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+from diffusers.utils.torch_utils import randn_tensor
 
 from batchgen.models.adapter import Conditioning, EncodedText, FamilyAdapter, concat, guide, row_generators, take
 from batchgen.models.families import Family
+from batchgen.models.img2img import Start, encode_latents, has_init_image, preprocess, source_images, strength_timesteps
 from batchgen.models.schedulers import make_scheduler, step_kwargs
 from batchgen.models.sd import decode_latents
 from batchgen.rows import FIELD, GenerationRequest
@@ -39,6 +44,8 @@ class StableDiffusion3Adapter(FamilyAdapter):
         self.rules = family.rules(self.vae_scale_factor, scheduler_config=dict(pipe.scheduler.config),
                                   denoiser_config=dict(self.transformer.config))
         self.max_prompt_tokens = pipe.tokenizer.model_max_length
+        # The processor diffusers' img2img pipeline makes for this model (not `from_pipe`, which would cast modules).
+        self.image_processor = StableDiffusion3Img2ImgPipeline(**pipe.components).image_processor
         self.vae_batch_size = vae_batch_size
         # The transformer works on patch tokens (no NHWC layout to choose); the VAE is convolutional.
         channels_last = self.transformer.device.type == "cuda" if channels_last is None else channels_last
@@ -121,7 +128,12 @@ class StableDiffusion3Adapter(FamilyAdapter):
         device, dtype = self.transformer.device, self.transformer.dtype
         scheduler = self._scheduler(first, device)
         generators = row_generators(rows)
-        latents = self.initial_latents(rows, self.latent_channels, generators, device, dtype, 1.0)
+        if has_init_image(rows):
+            start = self._img2img_start(rows, scheduler, generators, dtype)
+        else:
+            start = Start(scheduler.timesteps,
+                          self.initial_latents(rows, self.latent_channels, generators, device, dtype, 1.0))
+        latents = start.latents
         guidance = torch.tensor([float(r.guidance_scale) for r in rows], device=device, dtype=dtype).view(-1, 1, 1, 1)
         use_cfg = bool((guidance > 1).any())
         hidden = concat(uncond, cond) if use_cfg else cond
@@ -135,7 +147,7 @@ class StableDiffusion3Adapter(FamilyAdapter):
                                       dtype=dtype).view(-1, 1, 1, 1)
             window = (first.steps * first.skip_layer_guidance_start, first.steps * first.skip_layer_guidance_stop)
         extra = step_kwargs(scheduler, generators, 0.0)
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(start.timesteps):
             model_input = torch.cat([latents, latents]) if use_cfg else latents
             prediction = self._forward(model_input, t, hidden)
             noise = guide(prediction, guidance, use_cfg)
@@ -145,3 +157,15 @@ class StableDiffusion3Adapter(FamilyAdapter):
                 noise = noise.index_add(0, skip_index, (text - skipped) * skip_scale)
             latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
         return decode_latents(self.vae, latents, self.vae_batch_size)
+
+    def _img2img_start(self, rows: list[GenerationRequest], scheduler: Any, generators: list,
+                       dtype: torch.dtype) -> Start:
+        """diffusers' StableDiffusion3Img2ImgPipeline: the timesteps from `int(steps - steps x strength)` on (the
+        scheduler told where it begins), then per row the VAE sample of the init image, shifted and scaled, then
+        the noise, mixed in by `scale_noise` at the first kept timestep's sigma."""
+        first = rows[0]
+        images = preprocess(self.image_processor, source_images(rows), first.height, first.width)
+        timesteps = strength_timesteps(scheduler, first.steps, first.strength, self.rules.whole_strength_steps)
+        init = encode_latents(self.vae, images, generators, dtype)
+        noise = randn_tensor(init.shape, generator=generators, device=init.device, dtype=init.dtype)
+        return Start(timesteps, scheduler.scale_noise(init, timesteps[:1].repeat(len(rows)), noise))
