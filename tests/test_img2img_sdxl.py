@@ -123,3 +123,15 @@ def test_inpainting_base_with_a_refiner_exits_2(tiny_sdxl_inpaint_dir, tiny_refi
     assert code == 2, message
     assert f"`model.refiner`: a base followed by a refiner starts from noise, but '{tiny_sdxl_inpaint_dir}' is a " \
            "StableDiffusionXLInpaintPipeline that needs init_image and mask_image on every row" in message
+
+
+@pytest.mark.parametrize(("tiny", "family"), [("sd15-inpaint", "stable-diffusion"),
+                                              ("sdxl-inpaint", "stable-diffusion-xl")])
+def test_make_tiny_if_missing_builds_inpainting_models(tmp_path, tiny, family):
+    from batchgen.models.plan import plan_model
+    from batchgen.spec import load_spec
+
+    spec = load_spec(None, {"input.prompts": str(tmp_path / "prompts"), "output.uri": str(tmp_path / "out"),
+                            "model.source": str(tmp_path / tiny), "model.make_tiny_if_missing": tiny})
+    _, _, rules = plan_model(spec.model, spec.sampling)
+    assert (rules.family, rules.needs) == (family, ("init_image", "mask_image"))
