@@ -93,6 +93,42 @@ def test_s3_images_and_missing_keys(s3_server, s3_bucket):
                                 f"'s3://{s3_bucket}/img/b.png'")
 
 
+def test_an_s3_image_is_one_get_and_an_oversized_one_is_refused_from_its_length(s3_server, s3_bucket):
+    import boto3
+
+    from batchgen.storage import _session
+
+    big = png(40, 40)
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="img/small.png", Body=png())
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="img/big.png", Body=big)
+    calls = []
+
+    def record(model, **_):
+        calls.append(model.name)
+
+    _session().events.register("before-call.s3", record)  # clients made from now on report their calls
+    try:
+        rows = ImageFetcher(retry_deadline_s=5, max_bytes=4000)(work([
+            {"init_image": f"s3://{s3_bucket}/img/small.png"}, {"init_image": f"s3://{s3_bucket}/img/big.png"}]))
+    finally:
+        _session().events.unregister("before-call.s3", record)
+    small, oversized = rows.to_pylist()
+    assert small["status"] == "pending" and small["init_image_size"] == [8, 12]
+    assert oversized["error"] == (f"`init_image` must be at most 4000 bytes (the object has {len(big)}) but is "
+                                  f"'s3://{s3_bucket}/img/big.png'")
+    assert sorted(calls) == ["GetObject", "GetObject"], "one request per image, no HEAD first"
+
+    def drop_length(parsed, **_):
+        parsed.pop("ContentLength", None)
+
+    _session().events.register("after-call.s3.GetObject", drop_length)  # a response without a length
+    try:
+        row = ImageFetcher(retry_deadline_s=5, max_bytes=4000)(work([{"init_image": f"s3://{s3_bucket}/img/big.png"}]))
+    finally:
+        _session().events.unregister("after-call.s3.GetObject", drop_length)
+    assert row.to_pylist()[0]["error"].startswith("`init_image` must be at most 4000 bytes (the object has more)")
+
+
 def test_unreachable_s3_fails_the_batch_after_the_deadline(s3_server, s3_bucket):
     from batchgen.errors import StorageError
 
