@@ -2,8 +2,9 @@
 
 A row names its images by URI (a local path or s3://) or carries their bytes (a binary input column). Each
 distinct image of a batch is read once, on a thread pool, through batchgen.storage (so S3 reads get the output's
-retries and deadline), checked against the size limits and decoded with PIL: init images to RGB, masks to L
-(grayscale). The row then carries the raw pixels, their size before any resizing and the sha256 of the bytes.
+retries and deadline), checked against the size limits, decoded with PIL and turned upright by its EXIF
+orientation (as diffusers' load_image does): init images to RGB, masks to L (grayscale). The row then carries the
+raw pixels, their size before any resizing (upright) and the sha256 of the bytes.
 A missing, unreadable, corrupt or oversized image turns its row into an error row naming the field and the URI;
 the rest of the batch goes on. An S3 endpoint that stays unreachable past the deadline fails the job instead,
 as it does for outputs: every row would otherwise become an error.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-from PIL import Image
+from PIL import Image, ImageOps
 
 from batchgen.errors import RowError, StorageError
 from batchgen.prompts import WORK_SCHEMA
@@ -127,12 +128,13 @@ class ImageFetcher:
                 if width * height > self.max_pixels:
                     raise RowError(name, uri, f"must have at most {self.max_pixels} pixels (the image is "
                                    f"{width}x{height})")
-                decoded = image.convert(MODES[name])
+                # Upright as its EXIF orientation says, as diffusers.utils.load_image hands it to a pipeline.
+                decoded = ImageOps.exif_transpose(image).convert(MODES[name])
         except RowError:
             raise
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise RowError(name, uri, f"must be a readable image ({type(e).__name__}: {e})") from None
-        return Fetched(decoded.tobytes(), (height, width), hashlib.sha256(data).hexdigest())
+        return Fetched(decoded.tobytes(), (decoded.height, decoded.width), hashlib.sha256(data).hexdigest())
 
 
 def request_with_images(req: GenerationRequest, fetcher: ImageFetcher | None = None) -> GenerationRequest:

@@ -48,6 +48,33 @@ def test_local_images_decoded_with_size_and_hash(tmp_path):
     assert rows[1]["init_pixels"] == first["init_pixels"] and rows[1]["mask_pixels"] is None
 
 
+def oriented(fmt: str, mode: str, orientation: int) -> bytes:
+    """An asymmetric 12x8 (width x height) image whose EXIF says to rotate it (6: 90 degrees clockwise)."""
+    pixels = np.arange(8 * 12 * 3, dtype=np.uint8).reshape(8, 12, 3) * 2
+    image = Image.fromarray(pixels).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the Orientation tag
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def test_exif_orientation_is_applied_as_diffusers_load_image_does(tmp_path):
+    from diffusers.utils import load_image
+
+    init, mask = tmp_path / "photo.jpg", tmp_path / "mask.png"
+    init.write_bytes(oriented("JPEG", "RGB", 6))
+    mask.write_bytes(oriented("PNG", "L", 8))
+    row = ImageFetcher()(work([{"init_image": str(init), "mask_image": str(mask)}])).to_pylist()[0]
+    assert row["status"] == "pending"
+    assert row["init_image_size"] == [12, 8] and row["mask_image_size"] == [12, 8], "upright: 8 wide, 12 high"
+    theirs = np.asarray(load_image(str(init)))
+    assert theirs.shape == (12, 8, 3)
+    assert np.array_equal(np.frombuffer(row["init_pixels"], np.uint8).reshape(12, 8, 3), theirs)
+    upright_mask = np.asarray(load_image(str(mask), convert_method=lambda image: image.convert("L")))
+    assert np.array_equal(np.frombuffer(row["mask_pixels"], np.uint8).reshape(12, 8), upright_mask)
+
+
 def test_bad_images_become_error_rows_naming_field_and_uri(tmp_path):
     good, corrupt, truncated = tmp_path / "good.png", tmp_path / "corrupt.png", tmp_path / "cut.png"
     good.write_bytes(png())
