@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,18 +27,25 @@ def generate(ds: Any, spec: JobSpec | Mapping[str, Any] | str | Path) -> Any:
 
     `ds` needs `prompt` and `id` columns (renamed through the spec's `input.columns`: {caption: prompt}); the
     other per-row fields of a job's input (negative_prompt, seed, guidance_scale, steps, width, height,
-    scheduler, eta, num_images) are optional, and other columns travel in `extra` (JSON). `spec` is a JobSpec,
-    its YAML path or a nested mapping of its sections; `model`, `sampling`, `compute` and `output.format` /
-    `output.quality` apply, `input.prompts` and `output.uri` do not (write the Dataset where you like).
-    Images are as the same spec's `batchgen run` makes them: seeds derive from (sampling.seed, id, sample)."""
-    from batchgen.pipeline import add_generator, cluster_totals, init_ray, prepare_model, size_compute
+    scheduler, eta, num_images, init_image, mask_image, strength...) are optional, and other columns travel in
+    `extra` (JSON). Init images and masks are fetched and decoded on CPU as in a job (`input.fetch_*` and
+    `input.max_image_*` apply); a relative path is relative to the caller's working directory, and bytes are
+    recorded as `table:<id>:<column>`. `spec` is a JobSpec, its YAML path or a nested mapping of its sections;
+    `model`, `sampling`, `compute` and `output.format` / `output.quality` apply, `input.prompts` and `output.uri`
+    do not (write the Dataset where you like). Images are as the same spec's `batchgen run` makes them: seeds
+    derive from (sampling.seed, id, sample)."""
+    from batchgen.pipeline import add_fetch, add_generator, cluster_totals, init_ray, prepare_model, size_compute
 
     spec = _as_spec(spec)
     model_options, model, rules = prepare_model(spec)
     init_ray(spec.compute.address)
     resources = size_compute(spec.compute, *cluster_totals())
+    columns = dict(spec.input.columns)
+    fields = _input_fields(ds, columns, rules)
     ds = ds.map_batches(_work_rows, batch_format="pyarrow", num_cpus=0.25,
-                        fn_kwargs={"columns": dict(spec.input.columns), "sampling": spec.sampling, "rules": rules})
+                        fn_kwargs={"columns": columns, "sampling": spec.sampling, "rules": rules,
+                                   "folder": os.getcwd()})
+    ds = add_fetch(ds, fields, spec)
     ds = add_generator(ds, model_options, spec.compute, resources)
     encoder = EncodeStage(spec.output.format, spec.output.quality, model, uuid.uuid4().hex[:12])
     return ds.map_batches(_encode, fn_kwargs={"encoder": encoder}, batch_size=None, batch_format="pyarrow",
@@ -60,10 +68,23 @@ def _dotted(tree: Mapping[str, Any], prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-def _work_rows(batch: pa.Table, columns: dict[str, str], sampling: SamplingSpec, rules: Rules) -> pa.Table:
-    """A batch of the user's rows -> work rows (one per sample, or an error row), as the job's reader makes."""
+def _usable(rules: Rules) -> set[str]:
+    """The fields an input column may map to for this model."""
+    return {name for name in COLUMN_TARGETS if name in INPUT_FIELDS or name in rules.fields}
+
+
+def _input_fields(ds: Any, columns: dict[str, str], rules: Rules) -> set[str] | None:
+    """The row fields `ds`'s columns map to, where its schema is known without running it (None otherwise)."""
+    names = ds.columns(fetch_if_missing=False)
+    return None if names is None else {columns.get(name, name) for name in names} & _usable(rules)
+
+
+def _work_rows(batch: pa.Table, columns: dict[str, str], sampling: SamplingSpec, rules: Rules,
+               folder: str) -> pa.Table:
+    """A batch of the user's rows -> work rows (one per sample, or an error row), as the job's reader makes;
+    relative image paths are relative to `folder`."""
     field_of = {source: target for source, target in columns.items()}
-    usable = {name for name in COLUMN_TARGETS if name in INPUT_FIELDS or name in rules.fields}
+    usable = _usable(rules)
     mapped = {field_of.get(name, name): name for name in batch.column_names if field_of.get(name, name) in usable}
     for required in ("prompt", "id"):
         if required not in mapped:
@@ -72,7 +93,8 @@ def _work_rows(batch: pa.Table, columns: dict[str, str], sampling: SamplingSpec,
     extras = [name for name in batch.column_names if field_of.get(name, name) not in usable]
     reader = RowReader(InputPlan("", [], [], batch.num_rows, mapped, extras, {}), sampling, batch.num_rows, DoneKeys(),
                        rules)
-    rows = [row for raw in batch.to_pylist() for row in reader.work_rows(raw, "")]
+    rows = [row for raw in batch.to_pylist()
+            for row in reader.work_rows(raw, "" if raw[mapped["id"]] is None else str(raw[mapped["id"]]), folder)]
     return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from batchgen.errors import BatchgenError, JobConfigError
+from batchgen.models.tiny import FAMILIES as TINY_FAMILIES
 
 logger = logging.getLogger("batchgen")
 
@@ -212,8 +213,8 @@ def inspect(output, no_hashes):
 
 @main.command("make-tiny-model")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--family", type=click.Choice(["sd15", "sd2-v", "sd15-inpaint", "sdxl", "sdxl-refiner", "sd3", "sd35"]),
-              default="sd15", show_default=True, help="sd15-inpaint: an inpainting model (9-channel UNet).")
+@click.option("--family", type=click.Choice(TINY_FAMILIES), default="sd15", show_default=True,
+              help="sd15-inpaint, sdxl-inpaint: an inpainting model (9-channel UNet).")
 @click.option("--size", type=click.Choice(["tiny", "bench"]), default="tiny", show_default=True,
               help="tiny: < 10 MB test model; bench: SD-shaped, about a second per batch on 2 CPU cores.")
 def make_tiny_model_command(directory, family, size):

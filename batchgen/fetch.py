@@ -2,8 +2,9 @@
 
 A row names its images by URI (a local path or s3://) or carries their bytes (a binary input column). Each
 distinct image of a batch is read once, on a thread pool, through batchgen.storage (so S3 reads get the output's
-retries and deadline), checked against the size limits and decoded with PIL: init images to RGB, masks to L
-(grayscale). The row then carries the raw pixels, their size before any resizing and the sha256 of the bytes.
+retries and deadline), checked against the size limits, decoded with PIL and turned upright by its EXIF
+orientation (as diffusers' load_image does): init images to RGB, masks to L (grayscale). The row then carries the
+raw pixels, their size before any resizing (upright) and the sha256 of the bytes.
 A missing, unreadable, corrupt or oversized image turns its row into an error row naming the field and the URI;
 the rest of the batch goes on. An S3 endpoint that stays unreachable past the deadline fails the job instead,
 as it does for outputs: every row would otherwise become an error.
@@ -15,18 +16,24 @@ import dataclasses
 import hashlib
 import io
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-from PIL import Image
+from PIL import Image, ImageOps
 
 from batchgen.errors import RowError, StorageError
 from batchgen.prompts import WORK_SCHEMA
 from batchgen.rows import IMAGE_FIELDS, GenerationRequest
-from batchgen.storage import LocalStorage, NotFound, S3Storage, Storage, _check_key, _is_transient
+from batchgen.storage import (
+    NotFound,
+    ObjectTooLarge,
+    Storage,
+    StorageUnavailable,
+    open_storage,
+    split_object_uri,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +58,10 @@ class ImageFetcher:
         self.workers = workers
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
-        self._buckets: dict[str, Storage] = {}
+        self._storages: dict[str, Storage] = {}  # root -> storage: one S3 client per bucket and worker
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_buckets": {}}
+        return {**self.__dict__, "_storages": {}}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -93,39 +100,26 @@ class ImageFetcher:
             return e
 
     def _read(self, name: str, uri: str) -> bytes:
+        """The object's bytes in one read (one GET on S3), refused past max_bytes from its length."""
         if uri.startswith("table:"):
             raise RowError(name, uri, "names bytes of an input table that this row does not carry")
-        storage, key = self._locate(name, uri)
         try:
-            size = storage.size(key)
-            if size is None:
-                raise RowError(name, uri, "must name an existing image (no such object)")
-            if size > self.max_bytes:
-                raise RowError(name, uri, f"must be at most {self.max_bytes} bytes (the object has {size})")
-            return storage.get(key)
-        except NotFound:
-            raise RowError(name, uri, "must name an existing image (no such object)") from None
-        except StorageError as e:
-            if _is_transient(e.__cause__):  # retried until the deadline: the store is down, not this image
-                raise
-            raise RowError(name, uri, f"must be readable ({e})") from None
-
-    def _locate(self, name: str, uri: str) -> tuple[Storage, str]:
-        """(storage, key) for an s3:// URI (one S3Storage per bucket and worker) or a local path."""
-        if uri.startswith("s3://"):
-            bucket, _, key = uri[len("s3://"):].partition("/")
-            if bucket not in self._buckets:
-                self._buckets[bucket] = S3Storage(bucket, retry_deadline_s=self.retry_deadline_s,
-                                                  max_workers=self.workers)
-            storage = self._buckets[bucket]
-        else:
-            path = os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
-            storage, key = LocalStorage("/", max_workers=self.workers), path.lstrip("/")
-        try:
-            _check_key(key)  # storage checks keys on use; checked here so the error names the row's field
+            root, key = split_object_uri(uri)
         except ValueError:
             raise RowError(name, uri, "must be a valid local path or s3://bucket/key") from None
-        return storage, key
+        if root not in self._storages:
+            self._storages[root] = open_storage(root, retry_deadline_s=self.retry_deadline_s, max_workers=self.workers)
+        try:
+            return self._storages[root].get(key, max_bytes=self.max_bytes)
+        except NotFound:
+            raise RowError(name, uri, "must name an existing image (no such object)") from None
+        except ObjectTooLarge as e:
+            has = f"the object has {e.size}" if e.size is not None else "the object has more"
+            raise RowError(name, uri, f"must be at most {self.max_bytes} bytes ({has})") from None
+        except StorageUnavailable:  # retried until the deadline: the store is down, not this image
+            raise
+        except StorageError as e:
+            raise RowError(name, uri, f"must be readable ({e})") from None
 
     def _decode(self, name: str, uri: str, data: bytes) -> Fetched:
         try:
@@ -134,12 +128,13 @@ class ImageFetcher:
                 if width * height > self.max_pixels:
                     raise RowError(name, uri, f"must have at most {self.max_pixels} pixels (the image is "
                                    f"{width}x{height})")
-                decoded = image.convert(MODES[name])
+                # Upright as its EXIF orientation says, as diffusers.utils.load_image hands it to a pipeline.
+                decoded = ImageOps.exif_transpose(image).convert(MODES[name])
         except RowError:
             raise
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise RowError(name, uri, f"must be a readable image ({type(e).__name__}: {e})") from None
-        return Fetched(decoded.tobytes(), (height, width), hashlib.sha256(data).hexdigest())
+        return Fetched(decoded.tobytes(), (decoded.height, decoded.width), hashlib.sha256(data).hexdigest())
 
 
 def request_with_images(req: GenerationRequest, fetcher: ImageFetcher | None = None) -> GenerationRequest:

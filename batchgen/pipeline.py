@@ -8,6 +8,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -124,13 +125,7 @@ def build_dataset(plan: JobPlan, resources: Resources, stage: StoreStage, done: 
                         fn_kwargs={"plan": plan.input, "sampling": spec.sampling, "rules": plan.rules,
                                    "rows_per_read": spec.input.rows_per_read, "done_ref": done_ref, "nice": nice},
                         compute=ray.data.TaskPoolStrategy(size=min(spec.compute.read_tasks, max(1, len(tasks)))))
-    if any(name in plan.input.columns for name in IMAGE_FIELDS):
-        # Init images and masks are fetched and decoded here, on CPU, so the generators never wait on I/O.
-        fetcher = ImageFetcher(spec.output.retry_deadline_s, spec.input.fetch_workers, spec.input.max_image_bytes,
-                               spec.input.max_image_pixels)
-        ds = ds.map_batches(fetch_images, batch_size=spec.compute.batch_size * spec.compute.batches_per_call,
-                            batch_format="pyarrow", num_cpus=0.25, fn_kwargs={"fetcher": fetcher, "nice": nice},
-                            compute=ray.data.TaskPoolStrategy(size=spec.input.fetch_tasks))
+    ds = add_fetch(ds, plan.input.columns, spec)
     ds = add_generator(ds, plan.model_options, spec.compute, resources)
     if spec.output.layout != "files":
         # One store call writes one shard: the generators' outputs are encoded, then gathered into shard-sized
@@ -143,6 +138,22 @@ def build_dataset(plan: JobPlan, resources: Resources, stage: StoreStage, done: 
         _store, fn_kwargs={"stage": stage, "nice": nice}, batch_size=None, batch_format="pyarrow",
         num_cpus=spec.compute.cpus_per_storage_task,
     )
+
+
+def add_fetch(ds, fields: Collection[str] | None, spec: JobSpec):
+    """Work rows -> the same rows with their init images and masks fetched and decoded, on CPU, so the generators
+    never wait on I/O: the job's and `batchgen.generate`'s. `fields`: the row fields the input maps; no stage
+    where none names an image, the stage where they are unknown (rows without images pass it unchanged)."""
+    import ray
+
+    if fields is not None and not any(name in fields for name in IMAGE_FIELDS):
+        return ds
+    fetcher = ImageFetcher(spec.output.retry_deadline_s, spec.input.fetch_workers, spec.input.max_image_bytes,
+                           spec.input.max_image_pixels)
+    return ds.map_batches(fetch_images, batch_size=spec.compute.batch_size * spec.compute.batches_per_call,
+                          batch_format="pyarrow", num_cpus=0.25,
+                          fn_kwargs={"fetcher": fetcher, "nice": spec.compute.cpu_stage_nice},
+                          compute=ray.data.TaskPoolStrategy(size=spec.input.fetch_tasks))
 
 
 def add_generator(ds, model_options: dict[str, Any], compute: ComputeSpec, resources: Resources):

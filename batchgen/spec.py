@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from batchgen.errors import JobConfigError
 from batchgen.models.schedulers import ALL_NAMES, MODEL_SCHEDULER
+from batchgen.models.tiny import FAMILIES as TINY_FAMILIES
 from batchgen.rows import COLUMN_TARGETS, FIELD, MAX_T5_TOKENS
 
 DEMO_PROMPTS = str(Path(__file__).resolve().parent / "data" / "demo_prompts.parquet")
@@ -81,7 +82,7 @@ class ModelSpec(Section):
         None, description="SD3: device for the T5 encoder (e.g. cpu when it does not fit beside the transformer); "
         "None = the model's device. On CPU it runs in the model's dtype and costs CPU time per distinct text "
         "(see README); pixels match to the precision of the two devices' kernels.")
-    make_tiny_if_missing: Literal["sd15", "sd2-v", "sdxl", "sdxl-refiner", "sd3", "sd35"] | None = Field(
+    make_tiny_if_missing: Literal[TINY_FAMILIES] | None = Field(
         None, description="Build a tiny random-weight model of this family at `source` if it does not exist (demo)."
     )
     vae_batch_size: int | None = Field(

@@ -49,6 +49,19 @@ class NotFound(StorageError):
     """The object does not exist."""
 
 
+class ObjectTooLarge(StorageError):
+    """The object is larger than the reader's limit (`get(key, max_bytes)`); `size` is its size where known."""
+
+    def __init__(self, message: str, size: int | None):
+        super().__init__(message)
+        self.size = size
+
+
+class StorageUnavailable(StorageError):
+    """The store kept failing with transient errors (unreachable, 5xx, throttling) until the retry deadline: the
+    store is down, which says nothing about the object asked for."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """One listed S3 object. The ETag is the MD5 of the bytes for single-part uploads; for multipart
@@ -98,6 +111,21 @@ def _check_key(key: str) -> None:
         raise ValueError(f"storage key must be a relative path without empty, '.' or '..' parts, got {key!r}")
 
 
+def split_object_uri(uri: str) -> tuple[str, str]:
+    """(root, key) of one object's URI, for `open_storage(root).get(key)`: s3://bucket/key -> ("s3://bucket", key);
+    a local or file:// path (relative to the working directory, `~` expanded) -> ("/", the absolute path without
+    its leading "/"). ValueError where no valid key remains."""
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        if not bucket:
+            raise ValueError(f"object URI {uri!r} names no bucket")
+        root = f"s3://{bucket}"
+    else:
+        root, key = "/", os.path.abspath(os.path.expanduser(uri.removeprefix("file://"))).lstrip("/")
+    _check_key(key)
+    return root, key
+
+
 def open_storage(uri: str, *, retry_deadline_s: float = 120.0, max_workers: int = 16) -> Storage:
     """Open the output root `uri`: a local path, ``file://`` path or ``s3://bucket/prefix``."""
     if retry_deadline_s < 0:
@@ -133,8 +161,10 @@ class Storage(ABC):
         returns False on its retry: callers that must know who won read the object back."""
 
     @abstractmethod
-    def get(self, key: str) -> bytes:
-        """Return the object's bytes; raise `NotFound` when it does not exist."""
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """Return the object's bytes; raise `NotFound` when it does not exist and `ObjectTooLarge` when it has
+        more than `max_bytes` (judged from its length before reading and from the bytes read, reading at most
+        `max_bytes` + 1)."""
 
     @abstractmethod
     def size(self, key: str) -> int | None:
@@ -238,9 +268,17 @@ class LocalStorage(Storage):
             raise NotFound(f"get {self.uri_for(key)}: no such object")
         yield self._path(key)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            with open(self._path(key), "rb") as file:
+                if max_bytes is None:
+                    return file.read()
+                size = os.fstat(file.fileno()).st_size
+                data = file.read(max_bytes + 1) if size <= max_bytes else b""
+                if size > max_bytes or len(data) > max_bytes:
+                    raise ObjectTooLarge(f"get {self.uri_for(key)}: more than {max_bytes} bytes",
+                                         size if size > max_bytes else None)
+                return data
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
             raise NotFound(f"get {self.uri_for(key)}: no such object") from exc
         except OSError as exc:
@@ -330,9 +368,11 @@ class S3Storage(Storage):
             if code in ("NoSuchKey", "404", "NotFound"):
                 raise NotFound(f"{operation} {self.uri_for(key)}: no such object") from error
             elapsed = time.monotonic() - started
-            if not _is_transient(error) or elapsed >= self.retry_deadline_s:
+            transient = _is_transient(error)
+            if not transient or elapsed >= self.retry_deadline_s:
                 tried = f" after {attempt} attempts in {elapsed:.1f}s" if attempt > 1 else ""
-                raise StorageError(f"{operation} {self.uri_for(key)} failed{tried}: {error}") from error
+                kind = StorageUnavailable if transient else StorageError
+                raise kind(f"{operation} {self.uri_for(key)} failed{tried}: {error}") from error
             backoff = random.uniform(0, min(_MAX_BACKOFF_S, _FIRST_BACKOFF_S * 2**attempt))
             delay = min(backoff, self.retry_deadline_s - elapsed)
             logger.warning("%s %s failed (attempt %d, retrying in %.1fs): %s",
@@ -385,9 +425,27 @@ class S3Storage(Storage):
             self.download(key, path)
             yield path
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """One GET. With `max_bytes`, an object whose ContentLength is larger is refused without reading its
+        body, and at most `max_bytes` + 1 bytes are read (a length that was missing or wrong is caught there)."""
         name = self._object_key(key)
-        return self._call("get", key, lambda s3: s3.get_object(Bucket=self.bucket, Key=name)["Body"].read())
+
+        def read(s3: Any) -> bytes:
+            response = s3.get_object(Bucket=self.bucket, Key=name)
+            body = response["Body"]
+            try:
+                if max_bytes is None:
+                    return body.read()
+                size = response.get("ContentLength")
+                data = body.read(max_bytes + 1) if size is None or size <= max_bytes else b""
+            finally:
+                body.close()
+            if (size is not None and size > max_bytes) or len(data) > max_bytes:
+                raise ObjectTooLarge(f"get {self.uri_for(key)}: more than {max_bytes} bytes",
+                                     size if size is not None and size > max_bytes else None)
+            return data
+
+        return self._call("get", key, read)
 
     def size(self, key: str) -> int | None:
         name = self._object_key(key)

@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/img2img_equality.py [--steps 4] [--px 32] [--only SD3]
 
-Tiny random-weight models built by batchgen (`make-tiny-model --family sd15 | sd15-inpaint | sdxl |
-sdxl-refiner | sd3`), float32 on CPU, one row per call with the row's seed on both sides, strengths 0.3 / 0.75 / 1.0
+Tiny random-weight models built by batchgen (`make-tiny-model --family sd15 | sd15-inpaint | sdxl | sdxl-refiner |
+sdxl-inpaint | sd3`), float32 on CPU, one row per call with the row's seed on both sides, strengths 0.3 / 0.75 / 1.0
 (SDXL inpainting also its default 0.9999), schedulers DDIM and Euler ancestral (whose per-step noise makes the
 RNG order visible; SD3: flow-match Euler and Heun). Prints one line per (family, mode) with the largest
 difference over its cases; `--only` runs the modes whose name contains it.
@@ -52,6 +52,8 @@ def main() -> None:
          discrete),
         ("SDXL inpainting, 4-channel UNet", "sdxl", "StableDiffusionXLInpaintPipeline", True, (0.3, 0.9999, 1.0),
          discrete),
+        ("SDXL inpainting, 9-channel UNet", "sdxl-inpaint", "StableDiffusionXLInpaintPipeline", True,
+         (0.3, 0.9999, 1.0), discrete),
         ("SD3 img2img", "sd3", "StableDiffusion3Img2ImgPipeline", False, (0.3, 0.75, 1.0), flow),
     ]
     rows = []

@@ -73,6 +73,18 @@ def tiny_inpaint_model(tiny_inpaint_model_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_inpaint_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "sdxl-inpaint", "sdxl-inpaint")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_inpaint(tiny_sdxl_inpaint_dir):
+    from batchgen.models.loading import load_model
+
+    return load_model(str(tiny_sdxl_inpaint_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
 def tiny_sd3_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("models") / "sd3", "sd3")
 

@@ -48,6 +48,33 @@ def test_local_images_decoded_with_size_and_hash(tmp_path):
     assert rows[1]["init_pixels"] == first["init_pixels"] and rows[1]["mask_pixels"] is None
 
 
+def oriented(fmt: str, mode: str, orientation: int) -> bytes:
+    """An asymmetric 12x8 (width x height) image whose EXIF says to rotate it (6: 90 degrees clockwise)."""
+    pixels = np.arange(8 * 12 * 3, dtype=np.uint8).reshape(8, 12, 3) * 2
+    image = Image.fromarray(pixels).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the Orientation tag
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def test_exif_orientation_is_applied_as_diffusers_load_image_does(tmp_path):
+    from diffusers.utils import load_image
+
+    init, mask = tmp_path / "photo.jpg", tmp_path / "mask.png"
+    init.write_bytes(oriented("JPEG", "RGB", 6))
+    mask.write_bytes(oriented("PNG", "L", 8))
+    row = ImageFetcher()(work([{"init_image": str(init), "mask_image": str(mask)}])).to_pylist()[0]
+    assert row["status"] == "pending"
+    assert row["init_image_size"] == [12, 8] and row["mask_image_size"] == [12, 8], "upright: 8 wide, 12 high"
+    theirs = np.asarray(load_image(str(init)))
+    assert theirs.shape == (12, 8, 3)
+    assert np.array_equal(np.frombuffer(row["init_pixels"], np.uint8).reshape(12, 8, 3), theirs)
+    upright_mask = np.asarray(load_image(str(mask), convert_method=lambda image: image.convert("L")))
+    assert np.array_equal(np.frombuffer(row["mask_pixels"], np.uint8).reshape(12, 8), upright_mask)
+
+
 def test_bad_images_become_error_rows_naming_field_and_uri(tmp_path):
     good, corrupt, truncated = tmp_path / "good.png", tmp_path / "corrupt.png", tmp_path / "cut.png"
     good.write_bytes(png())
@@ -91,6 +118,42 @@ def test_s3_images_and_missing_keys(s3_server, s3_bucket):
     assert rows[0]["status"] == "pending" and rows[0]["init_image_size"] == [8, 12]
     assert rows[1]["error"] == (f"`init_image` must name an existing image (no such object) but is "
                                 f"'s3://{s3_bucket}/img/b.png'")
+
+
+def test_an_s3_image_is_one_get_and_an_oversized_one_is_refused_from_its_length(s3_server, s3_bucket):
+    import boto3
+
+    from batchgen.storage import _session
+
+    big = png(40, 40)
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="img/small.png", Body=png())
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="img/big.png", Body=big)
+    calls = []
+
+    def record(model, **_):
+        calls.append(model.name)
+
+    _session().events.register("before-call.s3", record)  # clients made from now on report their calls
+    try:
+        rows = ImageFetcher(retry_deadline_s=5, max_bytes=4000)(work([
+            {"init_image": f"s3://{s3_bucket}/img/small.png"}, {"init_image": f"s3://{s3_bucket}/img/big.png"}]))
+    finally:
+        _session().events.unregister("before-call.s3", record)
+    small, oversized = rows.to_pylist()
+    assert small["status"] == "pending" and small["init_image_size"] == [8, 12]
+    assert oversized["error"] == (f"`init_image` must be at most 4000 bytes (the object has {len(big)}) but is "
+                                  f"'s3://{s3_bucket}/img/big.png'")
+    assert sorted(calls) == ["GetObject", "GetObject"], "one request per image, no HEAD first"
+
+    def drop_length(parsed, **_):
+        parsed.pop("ContentLength", None)
+
+    _session().events.register("after-call.s3.GetObject", drop_length)  # a response without a length
+    try:
+        row = ImageFetcher(retry_deadline_s=5, max_bytes=4000)(work([{"init_image": f"s3://{s3_bucket}/img/big.png"}]))
+    finally:
+        _session().events.unregister("after-call.s3.GetObject", drop_length)
+    assert row.to_pylist()[0]["error"].startswith("`init_image` must be at most 4000 bytes (the object has more)")
 
 
 def test_unreachable_s3_fails_the_batch_after_the_deadline(s3_server, s3_bucket):

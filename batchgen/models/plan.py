@@ -58,6 +58,9 @@ def plan_model(m: ModelSpec, sampling: SamplingSpec) -> tuple[dict[str, Any], Mo
     dropped = ",".join(components.get("skip_components", ())) or None
     facts = ModelFacts(where.source, m.revision, digest, m.dtype, dropped_components=dropped)
     if m.refiner is not None:
+        if rules.needs:
+            raise JobConfigError(f"`model.refiner`: a base followed by a refiner starts from noise, but "
+                                 f"{m.source!r} is a {pipeline} that needs {' and '.join(rules.needs)} on every row")
         refiner = model_source(m.refiner.source, m.refiner.revision, absolute=True)
         refiner_digest = refiner.sha256(m.allow_pickle)
         check_refiner(family, where, refiner)

@@ -5,11 +5,14 @@ and micro-conditioning time ids (original size, crop top-left, target size) buil
 An empty negative prompt is zeros where the model says `force_zeros_for_empty_prompt` (diffusers'
 `negative_prompt=None`). With a refiner the base stops at `refiner_start` (diffusers' `denoising_end`) and the
 refiner continues from its latents (`denoising_start`) with `text_encoder_2` only, aesthetic-score time ids and
-fresh per-row generators seeded with the row's seed; its VAE decodes.
+fresh per-row generators seeded with the row's seed; its VAE decodes. Image-to-image and inpainting (4-channel
+UNets, and 9-channel inpainting UNets that read the mask and masked-image latents) start as diffusers'
+StableDiffusionXLImg2ImgPipeline and StableDiffusionXLInpaintPipeline do (img2img.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -29,7 +32,7 @@ from batchgen.models.img2img import (
 )
 from batchgen.models.schedulers import make_scheduler, step_kwargs
 from batchgen.models.sd import decode_latents, prepare_denoiser
-from batchgen.rows import GenerationRequest
+from batchgen.rows import IMAGE_FIELDS, GenerationRequest
 
 TextKey = tuple[str, str]  # (text for encoder 1, text for encoder 2)
 
@@ -73,6 +76,11 @@ class StableDiffusionXLAdapter(FamilyAdapter):
         self.vae = (refiner or pipe).vae  # the last expert decodes
         self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self.rules = family.rules(self.vae_scale_factor, refined=refiner is not None, pipeline=type(pipe).__name__)
+        # An inpainting UNet takes the mask and the masked image's latents next to the latents (9 channels): every
+        # row needs both images, whatever pipeline class the checkpoint names.
+        self.mask_channels = self.unet.config.in_channels != pipe.vae.config.latent_channels
+        if self.mask_channels:
+            self.rules = dataclasses.replace(self.rules, needs=IMAGE_FIELDS)
         self.max_prompt_tokens = (pipe.tokenizer or pipe.tokenizer_2).model_max_length
         self._processors: tuple[Any, Any] | None = None
         self.vae_batch_size = vae_batch_size
@@ -162,7 +170,9 @@ class StableDiffusionXLAdapter(FamilyAdapter):
         """The image and mask processors diffusers' SDXL inpainting pipeline makes for this model (built on first
         use; not `from_pipe`, which would cast the shared modules to float32)."""
         if self._processors is None:
-            pipe = StableDiffusionXLInpaintPipeline(**{**self.pipe.components})
+            pipe = self.pipe
+            if not hasattr(pipe, "mask_processor"):
+                pipe = StableDiffusionXLInpaintPipeline(**{**self.pipe.components})
             self._processors = (pipe.image_processor, pipe.mask_processor)
         return self._processors
 
@@ -176,9 +186,8 @@ class StableDiffusionXLAdapter(FamilyAdapter):
         generators = row_generators(rows)
         start = None
         if has_init_image(rows) and first.mask_image is not None:
-            start = inpaint_start(rows, scheduler, generators, self.pipe.vae, self.processors(),
-                                  self.unet.config.in_channels != self.pipe.vae.config.latent_channels, dtype,
-                                  self.rules.whole_strength_steps, latents_mean_std=False)
+            start = inpaint_start(rows, scheduler, generators, self.pipe.vae, self.processors(), self.mask_channels,
+                                  dtype, self.rules.whole_strength_steps, latents_mean_std=False)
             timesteps, latents = start.timesteps, start.latents
         elif has_init_image(rows):
             timesteps, latents = self._img2img_start(rows, scheduler, generators, dtype)

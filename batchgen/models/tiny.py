@@ -6,12 +6,11 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 logger = logging.getLogger(__name__)
 
-# sd15-inpaint: a 9-channel inpainting UNet
-FAMILIES = ("sd15", "sd2-v", "sd15-inpaint", "sdxl", "sdxl-refiner", "sd3", "sd35")
+# The one list of tiny families (spec and CLI read it; this module imports torch only where it builds).
+# sd15-inpaint, sdxl-inpaint: a 9-channel inpainting UNet.
+FAMILIES = ("sd15", "sd2-v", "sd15-inpaint", "sdxl", "sdxl-refiner", "sdxl-inpaint", "sd3", "sd35")
 INIT_SEED = 0
 
 # Shapes: (unet channels, cross-attention dim, text layers). "tiny" is the test model (< 10 MB);
@@ -71,7 +70,8 @@ def clip_tokenizer():
 
 def build_pipeline(family: str = "sd15", size: str = "tiny"):
     """Random-weight pipeline of the family's real classes with deterministic weights (fixed init seeds);
-    sd15-inpaint is a StableDiffusionInpaintPipeline."""
+    sd15-inpaint and sdxl-inpaint are a StableDiffusionInpaintPipeline and a StableDiffusionXLInpaintPipeline."""
+    import torch
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -88,7 +88,7 @@ def build_pipeline(family: str = "sd15", size: str = "tiny"):
     if family.startswith("sdxl"):
         if size != "tiny":
             raise ValueError(f"`size` {size!r}: SDXL tiny models come in one size, 'tiny'")
-        return build_sdxl_pipeline(refiner=family == "sdxl-refiner")
+        return build_sdxl_pipeline(refiner=family == "sdxl-refiner", inpaint=family == "sdxl-inpaint")
     if family in ("sd3", "sd35"):
         if size != "tiny":
             raise ValueError(f"`size` {size!r}: SD3 tiny models come in one size, 'tiny'")
@@ -187,12 +187,13 @@ SDXL_TEXT = {"hidden_size": 32, "intermediate_size": 37, "layer_norm_eps": 1e-05
 TIME_EMBED_DIM = 8
 
 
-def _sdxl_unet(cross_attention_dim: int, time_ids: int, seed: int):
+def _sdxl_unet(cross_attention_dim: int, time_ids: int, seed: int, in_channels: int = 4):
+    import torch
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        block_out_channels=(2, 4), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        block_out_channels=(2, 4), layers_per_block=2, sample_size=32, in_channels=in_channels, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED_DIM, transformer_layers_per_block=(1, 2),
@@ -204,6 +205,7 @@ def _sdxl_unet(cross_attention_dim: int, time_ids: int, seed: int):
 def _sdxl_shared(seed: int = INIT_SEED + 10):
     """text_encoder_2 and the VAE, which base and refiner share (same seeds: byte-identical weights). The VAE
     carries per-channel latents_mean/std, so decoding exercises them; force_upcast as SDXL's VAE."""
+    import torch
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -221,10 +223,18 @@ def _sdxl_shared(seed: int = INIT_SEED + 10):
     return text_encoder_2, vae
 
 
-def build_sdxl_pipeline(refiner: bool = False):
-    """A StableDiffusionXLPipeline (two CLIP encoders, zeros for empty negatives) or, with `refiner`, a
-    StableDiffusionXLImg2ImgPipeline shaped as SDXL's refiner (text_encoder_2 only, aesthetic-score time ids)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+def build_sdxl_pipeline(refiner: bool = False, inpaint: bool = False):
+    """A StableDiffusionXLPipeline (two CLIP encoders, zeros for empty negatives); with `refiner`, a
+    StableDiffusionXLImg2ImgPipeline shaped as SDXL's refiner (text_encoder_2 only, aesthetic-score time ids); with
+    `inpaint`, a StableDiffusionXLInpaintPipeline like the base but with a 9-channel UNet (latents, mask,
+    masked-image latents), as SDXL's inpainting checkpoints."""
+    import torch
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     text_encoder_2, vae = _sdxl_shared()
@@ -238,8 +248,9 @@ def build_sdxl_pipeline(refiner: bool = False):
     torch.manual_seed(INIT_SEED + 12)
     text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=512, eos_token_id=513, pad_token_id=513,
                                                 vocab_size=514, max_position_embeddings=77, **SDXL_TEXT))
-    unet = _sdxl_unet(2 * SDXL_TEXT["hidden_size"], 6, INIT_SEED + 13)
-    return StableDiffusionXLPipeline(
+    unet = _sdxl_unet(2 * SDXL_TEXT["hidden_size"], 6, INIT_SEED + 13, in_channels=9 if inpaint else 4)
+    pipeline_class = StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline
+    return pipeline_class(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(),
         tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
         add_watermarker=False)
