@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from batchgen.errors import JobConfigError
 from batchgen.prompts import WORK_SCHEMA, DoneKeys, InputPlan, RowReader
-from batchgen.rows import COLUMN_TARGETS, INPUT_FIELDS, Rules
+from batchgen.rows import COLUMN_TARGETS, IMAGE_FIELDS, INPUT_FIELDS, Rules
 from batchgen.spec import JobSpec, SamplingSpec, load_spec
 from batchgen.stages import ENCODED_SCHEMA, EncodeStage
 
@@ -76,7 +76,20 @@ def _usable(rules: Rules) -> set[str]:
 def _input_fields(ds: Any, columns: dict[str, str], rules: Rules) -> set[str] | None:
     """The row fields `ds`'s columns map to, where its schema is known without running it (None otherwise)."""
     names = ds.columns(fetch_if_missing=False)
-    return None if names is None else {columns.get(name, name) for name in names} & _usable(rules)
+    if names is None:
+        return None
+    _refuse_unused_images(names, columns, rules)
+    return {columns.get(name, name) for name in names} & _usable(rules)
+
+
+def _refuse_unused_images(names: list[str], columns: dict[str, str], rules: Rules) -> None:
+    """An image column the model cannot use (a mask for SD3) would travel in `extra` and be silently ignored, as
+    the job's plan_input refuses too."""
+    usable = _usable(rules)
+    for name in names:
+        if columns.get(name, name) in IMAGE_FIELDS and columns.get(name, name) not in usable:
+            raise JobConfigError(f"generate(): column {name!r} is an image a {rules.family} model does not use; "
+                                 f"its fields: {sorted(usable)}")
 
 
 def _work_rows(batch: pa.Table, columns: dict[str, str], sampling: SamplingSpec, rules: Rules,
@@ -85,6 +98,7 @@ def _work_rows(batch: pa.Table, columns: dict[str, str], sampling: SamplingSpec,
     relative image paths are relative to `folder`."""
     field_of = {source: target for source, target in columns.items()}
     usable = _usable(rules)
+    _refuse_unused_images(batch.column_names, columns, rules)
     mapped = {field_of.get(name, name): name for name in batch.column_names if field_of.get(name, name) in usable}
     for required in ("prompt", "id"):
         if required not in mapped:

@@ -31,6 +31,6 @@ class RowError(BatchgenError):
         self.value = value
         self.reason = reason
         shown = repr(value)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
+        if len(shown) > 80:  # both ends: a long URI's file name is at its end
+            shown = shown[:38] + "..." + shown[-39:]
         super().__init__(f"`{field}` {reason} but is {shown}")

@@ -113,3 +113,27 @@ def test_generate_names_image_bytes_by_row_id_and_column():
     rules = Rules(COMMON_FIELDS | IMG2IMG_FIELDS)
     row = _work_rows(batch, {"raw": "init_image"}, SamplingSpec(), rules, "/").to_pylist()[0]
     assert (row["init_image"], row["init_image_bytes"]) == ("table:a:raw", b"\x89PNG...")
+
+
+def test_generate_refuses_an_image_column_the_model_does_not_use():
+    """A mask for a model without inpainting would travel in `extra` and be ignored: refused, as a job refuses it."""
+    import pyarrow as pa
+
+    from batchgen.api import _work_rows
+    from batchgen.errors import JobConfigError
+    from batchgen.rows import COMMON_FIELDS, IMG2IMG_FIELDS, Rules
+    from batchgen.spec import SamplingSpec
+
+    batch = pa.table({"id": ["a"], "prompt": ["a fox"], "init_image": ["a.png"], "hole": ["m.png"]})
+    rules = Rules(COMMON_FIELDS | IMG2IMG_FIELDS - {"mask_image"}, family="stable-diffusion-3")
+    with pytest.raises(JobConfigError, match="column 'hole' is an image a stable-diffusion-3 model does not use"):
+        _work_rows(batch, {"hole": "mask_image"}, SamplingSpec(), rules, "/")
+    assert _work_rows(batch.drop_columns(["hole"]), {}, SamplingSpec(), rules, "/").num_rows == 1
+
+
+def test_a_long_value_in_a_row_error_keeps_both_ends():
+    from batchgen.errors import RowError
+
+    uri = "s3://bucket/" + "deep/" * 30 + "the-image-that-failed.png"
+    message = str(RowError("init_image", uri, "cannot be read"))
+    assert "s3://bucket/" in message and "the-image-that-failed.png'" in message and len(message) < 140
