@@ -134,10 +134,11 @@ def _window_main(payload: bytes, sender, parent_pid: int) -> None:
     for noisy in ("ray", "botocore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        from batchgen.console import quiet_benign_warnings
+        from batchgen.console import quiet_benign_warnings, quiet_ray_data_console
         from batchgen.pipeline import _job_error, build_dataset, configure_data, join_ray
 
         quiet_benign_warnings()
+        quiet_ray_data_console()
         join_ray(work.ray_address, work.runtime_env)
         configure_data(work.plan.spec, work.resources)
         ds = build_dataset(work.plan, work.resources, work.stage, work.done)
