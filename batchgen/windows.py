@@ -12,11 +12,15 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchgen.errors import BatchgenError
 from batchgen.output import RunTally
 from batchgen.prompts import DoneKeys, InputPlan, ReadTask, committed_pairs
+from batchgen.stages import StoreStage
+
+if TYPE_CHECKING:  # pipeline imports this module
+    from batchgen.pipeline import JobPlan, Progress, Resources
 
 logger = logging.getLogger(__name__)
 
@@ -47,16 +51,17 @@ def _window(plan: InputPlan, tasks: list[ReadTask]) -> InputPlan:
 class WindowWork:
     """What a window's child process needs to build and run its execution: picklable, no lease, no output."""
 
-    plan: Any  # batchgen.pipeline.JobPlan with `input` the window's and no output
-    resources: Any  # batchgen.pipeline.Resources
-    stage: Any  # the output's StoreStage (fenced by the parent's lease epoch)
+    plan: JobPlan  # `input` is the window's; no output (the lease stays with the driver)
+    resources: Resources
+    stage: StoreStage  # the output's store stage, fenced by the driver's lease epoch
     done: DoneKeys
     ray_address: str
     runtime_env: dict[str, Any] | None
     log_level: int
 
 
-def stream_windows(plan, resources, stage, done: DoneKeys, progress) -> RunTally:
+def stream_windows(plan: JobPlan, resources: Resources, stage: StoreStage, done: DoneKeys,
+                   progress: Progress) -> RunTally:
     """Stream the job, window by window: in this process when it is one window, else each window in a child
     process whose store calls' summaries come back here (totals, progress). A window whose images are all
     committed is skipped; a window that fails fails the job (the caller releases the lease)."""
@@ -86,7 +91,7 @@ def stream_windows(plan, resources, stage, done: DoneKeys, progress) -> RunTally
     return run
 
 
-def _run_child(work: WindowWork, where: str, run: RunTally, progress) -> None:
+def _run_child(work: WindowWork, where: str, run: RunTally, progress: Progress) -> None:
     from ray import cloudpickle
 
     context = multiprocessing.get_context("spawn")  # never fork a process that runs Ray's threads
