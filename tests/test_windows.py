@@ -26,11 +26,11 @@ from tests.jobs import (
     job_spec,
     prompts_table,
     success,
+    wait_for,
     wait_until_lease_free,
     write_spec,
 )
 from tests.test_bad_input import corrupt_pages
-from tests.test_faults import wait_for
 
 
 def write_groups(path, sizes: list[int], start: int = 0):
