@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pyarrow as pa
@@ -160,3 +161,39 @@ def test_a_failing_window_fails_the_job_and_releases_the_lease(tiny_model_dir, r
     assert read_holder(storage, latest_epoch(storage)).released
     assert not storage.exists(SUCCESS_KEY)
     assert not assert_accounted(storage, set(), finished=False), "window 2 ran after window 1 failed"
+
+
+def sleep_as_a_window(parent_pid: int) -> None:
+    """A stand-in for a window's process (no Ray): protected as one, then busy for far longer than the test."""
+    from batchgen.windows import _die_with_parent
+
+    _die_with_parent(parent_pid)
+    time.sleep(300)
+
+
+SPAWNS_A_WINDOW = """
+import multiprocessing, os, sys, time
+from tests.test_windows import sleep_as_a_window
+child = multiprocessing.get_context("spawn").Process(target=sleep_as_a_window, args=(os.getpid(),))
+child.start()
+time.sleep(2)  # the child has set its death signal by then, or is still starting (then the pid check catches it)
+print(child.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_window_process_dies_with_its_driver():
+    """The driver SIGKILLed (nothing of it runs to clean up): the kernel ends its window process at once."""
+    driver = subprocess.Popen([sys.executable, "-c", SPAWNS_A_WINDOW], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    window = None
+    try:
+        window = psutil.Process(int(driver.stdout.readline()))
+        assert window.is_running()
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(10)
+        _, alive = psutil.wait_procs([window], timeout=20)
+        assert not alive, "the window process outlived its killed driver"
+    finally:
+        driver.kill()
+        if window is not None and window.is_running():
+            window.kill()
