@@ -164,8 +164,9 @@ def _window_main(payload: bytes, sender, parent_pid: int) -> None:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """A killed driver must not leave its window running: the kernel kills this process when its parent dies
-    (Linux), and a parent that died before that was set is caught by the pid check."""
+    """A killed driver must not leave its window running: the kernel kills this process when the thread that
+    started it ends (Linux; that thread waits for the window), and a parent that died before that was set is
+    caught by the pid check."""
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
