@@ -25,6 +25,7 @@ from batchgen.resume import fingerprint, with_placement
 from batchgen.rows import FIELD, IMAGE_FIELDS, Rules
 from batchgen.spec import ComputeSpec, JobSpec, SamplingSpec
 from batchgen.stages import EncodeStage, GeneratorActor, StoreStage, below_generators
+from batchgen.windows import stream_windows
 
 logger = logging.getLogger(__name__)
 _progress_log = logging.getLogger("batchgen.progress")
@@ -240,7 +241,6 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_max_direct_call_object_siz
 
 def init_ray(address: str | None) -> None:
     import ray
-    from ray.data import DataContext
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
@@ -248,6 +248,24 @@ def init_ray(address: str | None) -> None:
         # the dashboard cost 3 ms of CPU per image in steady state, taken from the generator.
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False,
                  runtime_env={"env_vars": WORKER_ENV} if address is None else None)
+    _quiet_data_context()
+
+
+def join_ray(gcs_address: str, runtime_env: dict[str, Any] | None) -> None:
+    """Join the Ray another batchgen process started or joined (a window's process, batchgen.windows), with its
+    runtime_env; a submitted job's driver passes its own to its children through the environment."""
+    import ray
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    inherited = RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ  # given twice, Ray refuses it as a conflict
+    ray.init(address=gcs_address, logging_level=logging.WARNING, log_to_driver=True,
+             runtime_env=None if inherited else runtime_env)
+    _quiet_data_context()
+
+
+def _quiet_data_context() -> None:
+    from ray.data import DataContext
+
     DataContext.get_current().enable_progress_bars = False
 
 
@@ -259,8 +277,8 @@ def cluster_totals() -> tuple[float, float]:
 
 
 def run_job(spec: JobSpec) -> dict[str, Any]:
-    """Plan, start the output (its lease), start (or join) Ray, stream the whole job, commit the output (_SUCCESS
-    last); returns the summary."""
+    """Plan, start the output (its lease), start (or join) Ray, stream the job (window by window on a big input),
+    commit the output (_SUCCESS last); returns the summary."""
     started = time.time()
     plan = plan_job(spec)
     with plan.output as output:
@@ -270,14 +288,24 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
             return output.commit(plan.input.rows, RunTally(skipped=len(done)), started)
         resources = start_ray(spec)
         output.begin(with_placement(plan.fingerprint, spec, resources.gpus_per_actor))
-        ds = build_dataset(plan, resources, output.store_stage(plan.model), done)
-        run = stream(ds, Progress(max(0, plan.input.rows * spec.sampling.num_images - len(done))))
+        progress = Progress(max(0, plan.input.rows * spec.sampling.num_images - len(done)))
+        run = stream_windows(plan, resources, output.store_stage(plan.model), done, progress)
         return output.commit(plan.input.rows, run, started)
 
 
 def start_ray(spec: JobSpec) -> Resources:
-    """Start (or join) Ray, set Ray Data's limits for this job, size the generator stage."""
+    """Start (or join) Ray, size the generator stage, set Ray Data's limits for this job."""
     init_ray(spec.compute.address)
+    resources = size_compute(spec.compute, *cluster_totals())
+    logger.info("generator: %d-%d actors x (%.2f CPU, %g GPU, %d torch threads); batch size %d",
+                resources.min_actors, resources.max_actors, resources.cpus_per_actor, resources.gpus_per_actor,
+                resources.torch_threads, spec.compute.batch_size)
+    configure_data(spec, resources)
+    return resources
+
+
+def configure_data(spec: JobSpec, resources: Resources) -> None:
+    """Ray Data's limits for this job, in the process that runs its execution."""
     from ray.data import DataContext
 
     from batchgen.readahead import install as install_read_ahead_cap
@@ -288,14 +316,9 @@ def start_ray(spec: JobSpec) -> Resources:
     # Start reading once min_actors generators are up: while none is, Ray Data's liveness rule runs the reader
     # past any backpressure (nothing is running), so a long model load would let it read the whole input.
     context.wait_for_min_actors_s = math.ceil(spec.compute.no_progress_timeout_s)
-    resources = size_compute(spec.compute, *cluster_totals())
-    logger.info("generator: %d-%d actors x (%.2f CPU, %g GPU, %d torch threads); batch size %d",
-                resources.min_actors, resources.max_actors, resources.cpus_per_actor, resources.gpus_per_actor,
-                resources.torch_threads, spec.compute.batch_size)
     rows_per_call = spec.compute.batch_size * spec.compute.batches_per_call
     install_read_ahead_cap(context, read_ahead_rows(
         rows_per_call, resources.max_actors, spec.compute.read_ahead_calls, spec.input.rows_per_read))
-    return resources
 
 
 def stream(ds, progress: Progress) -> RunTally:

@@ -133,6 +133,7 @@ class ReadTask:
     file_key: str
     row_group: int
     first_row: int
+    rows: int
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ def plan_input(spec: InputSpec, rules: Rules = ANY_MODEL, output: str | None = N
         for group in range(meta.num_row_groups):
             count = meta.row_group(group).num_rows
             if count:
-                tasks.append(ReadTask(path, file_key, group, first))
+                tasks.append(ReadTask(path, file_key, group, first, count))
             first += count
         rows += meta.num_rows
     if rows == 0:
@@ -265,23 +266,29 @@ class DoneKeys:
 
 
 def all_done(plan: InputPlan, sampling: SamplingSpec, done: DoneKeys) -> bool:
-    """Whether every (id, sample) the input asks for is in `done`, so a run would generate nothing. Reads only
-    the id and num_images columns; a row whose num_images is invalid asks for sample 0 (its error row)."""
+    """Whether every (id, sample) the input asks for is in `done`, so a run would generate nothing."""
+    return committed_pairs(plan, sampling, done) is not None
+
+
+def committed_pairs(plan: InputPlan, sampling: SamplingSpec, done: DoneKeys) -> int | None:
+    """How many (id, sample) pairs the input asks for, when every one is in `done`; None (at the first that is
+    not) otherwise. Reads only the id and num_images columns; a row whose num_images is invalid asks for sample 0
+    (its error row)."""
     if len(done) < plan.rows:  # every row asks for at least one pair
-        return False
+        return None
+    pairs = 0
     fs, _ = filesystem_for(plan.uri)
-    file_keys = {task.path: task.file_key for task in plan.tasks}
-    for path, file_key in file_keys.items():
-        with fs.open_input_file(path) as f:
+    for task in plan.tasks:  # row group by row group: a window of the input (batchgen.windows) is some of them
+        with fs.open_input_file(task.path) as f:
             parquet = pq.ParquetFile(f)
             present = set(parquet.schema_arrow.names)
             wanted = {field: column for field, column in plan.columns.items()
                       if field in ("id", "num_images") and column in present}
-            table = parquet.read(columns=list(wanted.values()))
+            table = parquet.read_row_group(task.row_group, columns=list(wanted.values()))
         ids = table.column(wanted["id"]).to_pylist() if "id" in wanted else [None] * table.num_rows
         counts = table.column(wanted["num_images"]).to_pylist() if "num_images" in wanted else [None] * len(ids)
-        for row, (raw_id, count) in enumerate(zip(ids, counts, strict=True)):
-            row_id = str(raw_id) if raw_id is not None else f"{file_key}:{row}"
+        for row, (raw_id, count) in enumerate(zip(ids, counts, strict=True), task.first_row):
+            row_id = str(raw_id) if raw_id is not None else f"{task.file_key}:{row}"
             try:
                 count = sampling.num_images if count is None else to_int("num_images", count)
             except RowError:
@@ -289,8 +296,9 @@ def all_done(plan: InputPlan, sampling: SamplingSpec, done: DoneKeys) -> bool:
             if not 1 <= count <= MAX_IMAGES_PER_ROW:
                 count = 1
             if any(sample_key(row_id, k) not in done for k in range(count)):
-                return False
-    return True
+                return None
+            pairs += count
+    return pairs
 
 
 def derive_seed(job_seed: int, row_id: str, sample_index: int) -> int:

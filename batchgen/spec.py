@@ -228,6 +228,12 @@ class ComputeSpec(Section):
     no_progress_timeout_s: float = Field(
         600.0, gt=0, description="Fail the job when no block completes for this long (a hung stage)."
     )
+    window_rows: int | None = Field(
+        200_000, ge=0, description="An input with more rows runs as consecutive windows of whole row groups of at "
+        "most this many rows, each its own Ray Data execution in a short-lived process, so the driver's memory "
+        "does not grow with the input (batchgen.windows); each window starts its generator actors anew (the "
+        "model loads once per window). 0 or None = one execution."
+    )
 
 
 class JobSpec(Section):

@@ -227,6 +227,7 @@ class MotoServer:
 # (needles, role), by priority: a process is what the most specific title it ever had says (a Ray worker
 # starts as ray::IDLE, then runs tasks or becomes an actor).
 _ROLES = [
+    (("spawn_main",), "window driver"),  # batchgen.windows: a window's Ray Data execution, a child of the driver
     (("GeneratorActor",), "generator actor"),
     (("PredictCallable",), "baseline actor"),
     (("_StatsActor", "_AutoscalingCoordinatorActor", "ActorLocationTracker", "SplitCoordinator"),
