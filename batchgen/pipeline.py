@@ -338,7 +338,7 @@ def _job_error(error: BaseException) -> BatchgenError:
     """A failed stream as one BatchgenError (exit code 1) carrying the failing stage's own message. Ray hands a
     worker's exception to the driver as traceback text only (a RayTaskError around Ray Data's UserCodeException,
     or an ActorDiedError for an actor that failed in `__init__`), and chains a bare SystemException under its
-    own failures; so the message is the last `batchgen.errors.X: ...` line of that text, else the last other
+    own failures; so the message is the last `batchgen.<module>.X: ...` line of that text, else the last other
     `SomeError: ...` line, else the deepest non-empty message (e.g. Ray Data's no-progress timeout)."""
     chain: list[BaseException] = []
     seen: BaseException | None = error
@@ -357,5 +357,6 @@ def _job_error(error: BaseException) -> BatchgenError:
     return BatchgenError(f"job failed while running: {deepest}")
 
 
-_OUR_ERROR_LINE = re.compile(r"^batchgen\.errors\.\w+: (.+)$", re.MULTILINE)
+# Any batchgen exception class (errors.py and storage.py's StorageUnavailable, NotFound...), named in a traceback.
+_OUR_ERROR_LINE = re.compile(r"^batchgen\.(?:\w+\.)+[A-Z]\w*: (.+)$", re.MULTILINE)
 _ERROR_LINE = re.compile(r"^((?:[A-Za-z_]\w*\.)*\w*(?:Error|Exception): .+)$", re.MULTILINE)

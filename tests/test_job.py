@@ -246,7 +246,8 @@ def test_reader_waits_for_the_generators_within_the_read_ahead_cap(tiny_model_di
         assert report.healthy and report.ok == 600, report.problems
         peaks[calls] = max(queued)
     assert peaks[1] <= 16 + 2 * 20, peaks  # compute.read_tasks = 2 read tasks in flight
-    assert peaks[1024] >= 200, peaks
+    # Lifted, the reader runs far past that bound (184-344 rows seen; fewer when the machine is loaded).
+    assert peaks[1024] > 2 * (16 + 2 * 20), peaks
 
 
 def _thread_niceness(pid: int) -> list[int]:

@@ -111,3 +111,17 @@ def test_below_generators_raises_every_thread_and_never_lowers():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["7", "18", "7"]
+
+
+def test_a_failed_stream_reports_the_storage_error_not_the_botocore_line_under_it():
+    """Ray hands a worker's exception over as traceback text: the message is batchgen's own line (any batchgen
+    module's exception class), not the library error chained under it."""
+    from batchgen.pipeline import _job_error
+
+    text = ("Traceback (most recent call last):\n"
+            "botocore.exceptions.EndpointConnectionError: Could not connect to the endpoint URL: \"http://x/k\"\n\n"
+            "The above exception was the direct cause of the following exception:\n\n"
+            "batchgen.storage.StorageUnavailable: size s3://b/out/k failed after 4 attempts in 3.1s: Could not "
+            "connect to the endpoint URL: \"http://x/k\"\n")
+    message = str(_job_error(RuntimeError(text)))
+    assert message.startswith("job failed while running: size s3://b/out/k failed after 4 attempts"), message
