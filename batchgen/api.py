@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from batchgen.errors import JobConfigError
 from batchgen.prompts import WORK_SCHEMA, DoneKeys, InputPlan, RowReader
-from batchgen.rows import COLUMN_TARGETS, IMAGE_FIELDS, INPUT_FIELDS, Rules
+from batchgen.rows import IMAGE_FIELDS, Rules, column_fields
 from batchgen.spec import JobSpec, SamplingSpec, load_spec
 from batchgen.stages import ENCODED_SCHEMA, EncodeStage
 
@@ -68,24 +68,19 @@ def _dotted(tree: Mapping[str, Any], prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-def _usable(rules: Rules) -> set[str]:
-    """The fields an input column may map to for this model."""
-    return {name for name in COLUMN_TARGETS if name in INPUT_FIELDS or name in rules.fields}
-
-
 def _input_fields(ds: Any, columns: dict[str, str], rules: Rules) -> set[str] | None:
     """The row fields `ds`'s columns map to, where its schema is known without running it (None otherwise)."""
     names = ds.columns(fetch_if_missing=False)
     if names is None:
         return None
     _refuse_unused_images(names, columns, rules)
-    return {columns.get(name, name) for name in names} & _usable(rules)
+    return {columns.get(name, name) for name in names} & column_fields(rules)
 
 
 def _refuse_unused_images(names: list[str], columns: dict[str, str], rules: Rules) -> None:
     """An image column the model cannot use (a mask for SD3) would travel in `extra` and be silently ignored, as
     the job's plan_input refuses too."""
-    usable = _usable(rules)
+    usable = column_fields(rules)
     for name in names:
         if columns.get(name, name) in IMAGE_FIELDS and columns.get(name, name) not in usable:
             raise JobConfigError(f"generate(): column {name!r} is an image a {rules.family} model does not use; "
@@ -97,7 +92,7 @@ def _work_rows(batch: pa.Table, columns: dict[str, str], sampling: SamplingSpec,
     """A batch of the user's rows -> work rows (one per sample, or an error row), as the job's reader makes;
     relative image paths are relative to `folder`."""
     field_of = {source: target for source, target in columns.items()}
-    usable = _usable(rules)
+    usable = column_fields(rules)
     _refuse_unused_images(batch.column_names, columns, rules)
     mapped = {field_of.get(name, name): name for name in batch.column_names if field_of.get(name, name) in usable}
     for required in ("prompt", "id"):

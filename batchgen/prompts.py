@@ -19,15 +19,14 @@ import pyarrow.parquet as pq
 
 from batchgen.errors import BatchgenError, JobConfigError, RowError
 from batchgen.rows import (
-    COLUMN_TARGETS,
     FIELD,
     GROUP_FIELDS,
     IMAGE_FIELDS,
-    INPUT_FIELDS,
     MAX_IMAGES_PER_ROW,
     MAX_SEED,
     Rules,
     arrow_fields,
+    column_fields,
     group_value,
     resolve_fields,
     to_int,
@@ -154,7 +153,7 @@ def plan_input(spec: InputSpec, rules: Rules = ANY_MODEL, output: str | None = N
     `output` URI are not input (list_input_files)."""
     fs, root, files = list_input_files(spec.prompts, exclude=output)
     field_of = {source: target for source, target in spec.columns.items()}
-    usable = {name for name in COLUMN_TARGETS if name in INPUT_FIELDS or name in rules.fields}
+    usable = column_fields(rules)
     unused = sorted({target for target in field_of.values() if target not in usable})
     if unused:
         raise JobConfigError(f"`input.columns` maps to {unused}, which a {rules.family} model does not use; "
