@@ -34,7 +34,15 @@ def generate(ds: Any, spec: JobSpec | Mapping[str, Any] | str | Path) -> Any:
     `model`, `sampling`, `compute` and `output.format` / `output.quality` apply, `input.prompts` and `output.uri`
     do not (write the Dataset where you like). Images are as the same spec's `batchgen run` makes them: seeds
     derive from (sampling.seed, id, sample)."""
-    from batchgen.pipeline import add_fetch, add_generator, cluster_totals, init_ray, prepare_model, size_compute
+    from batchgen.pipeline import (
+        LIGHT_TASK_CPUS,
+        add_fetch,
+        add_generator,
+        cluster_totals,
+        init_ray,
+        prepare_model,
+        size_compute,
+    )
 
     spec = _as_spec(spec)
     model_options, model, rules = prepare_model(spec)
@@ -42,7 +50,7 @@ def generate(ds: Any, spec: JobSpec | Mapping[str, Any] | str | Path) -> Any:
     resources = size_compute(spec.compute, *cluster_totals())
     columns = dict(spec.input.columns)
     fields = _input_fields(ds, columns, rules)
-    ds = ds.map_batches(_work_rows, batch_format="pyarrow", num_cpus=0.25,
+    ds = ds.map_batches(_work_rows, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS,
                         fn_kwargs={"columns": columns, "sampling": spec.sampling, "rules": rules,
                                    "folder": os.getcwd()})
     ds = add_fetch(ds, fields, spec)

@@ -29,7 +29,8 @@ from batchgen.windows import stream_windows
 
 logger = logging.getLogger(__name__)
 _progress_log = logging.getLogger("batchgen.progress")
-
+# CPUs a read, fetch or re-blocking task asks: a fraction, so that several run beside a 1-CPU generator.
+LIGHT_TASK_CPUS = 0.25
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def build_dataset(plan: JobPlan, resources: Resources, stage: StoreStage, done: 
     nice = spec.compute.cpu_stage_nice
     tasks = [asdict(t) for t in plan.input.tasks]
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    ds = ds.map_batches(read_prompt_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+    ds = ds.map_batches(read_prompt_rows, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS,
                         fn_kwargs={"plan": plan.input, "sampling": spec.sampling, "rules": plan.rules,
                                    "rows_per_read": spec.input.rows_per_read, "done_ref": done_ref, "nice": nice},
                         compute=ray.data.TaskPoolStrategy(size=min(spec.compute.read_tasks, max(1, len(tasks)))))
@@ -134,7 +135,7 @@ def build_dataset(plan: JobPlan, resources: Resources, stage: StoreStage, done: 
         # new name) and no writer state outlives a task.
         ds = ds.map_batches(_encode, fn_kwargs={"stage": stage.encoder, "nice": nice}, batch_size=None,
                             batch_format="pyarrow", num_cpus=spec.compute.cpus_per_storage_task)
-        ds = ds.repartition(target_num_rows_per_block=spec.output.shard_samples, strict=True)
+        ds = reblock(ds, spec.output.shard_samples, spec.compute.cpus_per_storage_task, strict=True)
     return ds.map_batches(
         _store, fn_kwargs={"stage": stage, "nice": nice}, batch_size=None, batch_format="pyarrow",
         num_cpus=spec.compute.cpus_per_storage_task,
@@ -152,7 +153,7 @@ def add_fetch(ds, fields: Collection[str] | None, spec: JobSpec):
     fetcher = ImageFetcher(spec.output.retry_deadline_s, spec.input.fetch_workers, spec.input.max_image_bytes,
                            spec.input.max_image_pixels)
     return ds.map_batches(fetch_images, batch_size=spec.compute.batch_size * spec.compute.batches_per_call,
-                          batch_format="pyarrow", num_cpus=0.25,
+                          batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS,
                           fn_kwargs={"fetcher": fetcher, "nice": spec.compute.cpu_stage_nice},
                           compute=ray.data.TaskPoolStrategy(size=spec.input.fetch_tasks))
 
@@ -163,7 +164,7 @@ def add_generator(ds, model_options: dict[str, Any], compute: ComputeSpec, resou
 
     # Small tables arrive as one block: split so every actor gets work; a call carries batches_per_call batches.
     rows_per_call = compute.batch_size * compute.batches_per_call
-    ds = ds.repartition(target_num_rows_per_block=rows_per_call)
+    ds = reblock(ds, rows_per_call, LIGHT_TASK_CPUS)
     return ds.map_batches(
         GeneratorActor,
         fn_constructor_kwargs={"model_options": model_options, "batch_size": compute.batch_size,
@@ -187,6 +188,21 @@ def read_prompt_rows(batch: pa.Table, plan: InputPlan, sampling: SamplingSpec, r
     reader = RowReader(plan, sampling, rows_per_read, ray.get(done_ref), rules)
     for task in batch.to_pylist():
         yield from reader.read(ReadTask(**task))
+
+
+def reblock(ds, rows: int, num_cpus: float, strict: bool = False):
+    """`ds` in blocks of `rows` rows (strict: exactly, the last one shorter) by tasks that ask `num_cpus` CPUs.
+    `Dataset.repartition` takes no resource arguments and its tasks ask Ray's default of 1 CPU: beside a 1-CPU
+    generator on a 2-CPU node such a task waits until the 0.25-CPU tasks around it leave a whole CPU free. The
+    request is set on the repartition's logical operator, a Ray Data internal: where it is missing, say so and
+    keep the default."""
+    ds = ds.repartition(target_num_rows_per_block=rows, strict=strict)
+    args = getattr(ds._logical_plan.dag, "ray_remote_args", None)
+    if isinstance(args, dict):
+        args["num_cpus"] = num_cpus
+    else:
+        logger.warning("cannot set the re-blocking's CPUs on this Ray: its tasks ask 1 CPU each")
+    return ds
 
 
 def _encode(batch: pa.Table, stage: EncodeStage, nice: int) -> pa.Table:

@@ -108,3 +108,37 @@ def test_driver_killed_while_a_shard_is_open_then_rerun_lists_every_row_once(
     assert all(r["status"] == "ok" for r in final.values())
     assert all(before[key]["image_uri"] == final[key]["image_uri"] for key in before), "a committed shard was redone"
     assert samples_in_listed_shards(storage, tmp_path) == Counter(pairs(rows)), "every row once across shards"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", ["files", "webdataset", "parquet"])
+def test_only_the_generators_ask_a_whole_cpu(tiny_model_dir, tmp_path, layout):
+    """Every CPU stage of the job's physical plan asks a fraction of a CPU. A stage whose tasks ask Ray's
+    default of 1 CPU waits, beside a 1-CPU generator on a 2-CPU node, until the 0.25-CPU tasks around it leave a
+    whole CPU free: the shard layouts' bare re-blocking did (bench/RESULTS.md a, shard layouts)."""
+    from ray.data._internal.execution.operators.map_operator import MapOperator
+    from ray.data._internal.logical.optimizers import get_execution_plan
+
+    from batchgen.pipeline import build_dataset, plan_job, size_compute
+    from batchgen.prompts import DoneKeys
+
+    prompts = write_table(tmp_path / "p.parquet", prompts_table(4))
+    spec = job_spec(tiny_model_dir, str(prompts), str(tmp_path / "out"), **{
+        "output.layout": layout, "output.shard_samples": 8, "compute.cpus_per_actor": 1.0,
+        "compute.min_actors": 1, "compute.max_actors": 1})
+    plan = plan_job(spec)
+    with plan.output as output:
+        output.start(plan.fingerprint)
+        ds = build_dataset(plan, size_compute(spec.compute, 2, 0), output.store_stage(plan.model), DoneKeys())
+        physical, _ = get_execution_plan(ds._logical_plan)
+    ops, todo = [], [physical.dag]
+    while todo:
+        op = todo.pop()
+        todo.extend(op.input_dependencies)
+        if isinstance(op, MapOperator):
+            ops.append((op.name, op._ray_remote_args.get("num_cpus")))
+    generators = [cpus for name, cpus in ops if "GeneratorActor" in name]
+    assert generators == [1.0], ops
+    stages = [(name, cpus) for name, cpus in ops if "GeneratorActor" not in name]
+    assert any("_store" in name for name, _ in stages), ops
+    assert all(cpus <= spec.compute.cpus_per_storage_task for _, cpus in stages), stages
