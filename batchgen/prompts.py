@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -276,14 +277,7 @@ def committed_pairs(plan: InputPlan, sampling: SamplingSpec, done: DoneKeys) -> 
     if len(done) < plan.rows:  # every row asks for at least one pair
         return None
     pairs = 0
-    fs, _ = filesystem_for(plan.uri)
-    for task in plan.tasks:  # row group by row group: a window of the input (batchgen.windows) is some of them
-        with fs.open_input_file(task.path) as f:
-            parquet = pq.ParquetFile(f)
-            present = set(parquet.schema_arrow.names)
-            wanted = {field: column for field, column in plan.columns.items()
-                      if field in ("id", "num_images") and column in present}
-            table = parquet.read_row_group(task.row_group, columns=list(wanted.values()))
+    for task, table, wanted in _id_columns(plan):
         ids = table.column(wanted["id"]).to_pylist() if "id" in wanted else [None] * table.num_rows
         counts = table.column(wanted["num_images"]).to_pylist() if "num_images" in wanted else [None] * len(ids)
         for row, (raw_id, count) in enumerate(zip(ids, counts, strict=True), task.first_row):
@@ -298,6 +292,20 @@ def committed_pairs(plan: InputPlan, sampling: SamplingSpec, done: DoneKeys) -> 
                 return None
             pairs += count
     return pairs
+
+
+def _id_columns(plan: InputPlan):
+    """(task, its row group's id and num_images columns, field -> column) for the plan's tasks in order (a window
+    of the input, batchgen.windows, is some of them), each input file opened once for its run of row groups."""
+    fs, _ = filesystem_for(plan.uri)
+    for path, tasks in itertools.groupby(plan.tasks, key=lambda task: task.path):
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            present = set(parquet.schema_arrow.names)
+            wanted = {field: column for field, column in plan.columns.items()
+                      if field in ("id", "num_images") and column in present}
+            for task in tasks:
+                yield task, parquet.read_row_group(task.row_group, columns=list(wanted.values())), wanted
 
 
 def derive_seed(job_seed: int, row_id: str, sample_index: int) -> int:
