@@ -6,7 +6,6 @@ what was missing."""
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import shutil
 import signal
@@ -15,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psutil
 import pytest
@@ -40,6 +38,7 @@ from tests.jobs import (
     write_spec,
     write_table,
 )
+from tests.s3proxy import answer, forwarding_proxy
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -207,58 +206,24 @@ def test_s3_down_past_the_retry_deadline_fails_with_exit_1_and_a_rerun_resumes(
 def throttling_proxy(upstream: str, every: int) -> Iterator[dict[str, int]]:
     """An HTTP proxy to `upstream` that answers every `every`-th PUT with 503 SlowDown, as S3 does under load;
     yields counts of what it forwarded and refused."""
-    host, port = upstream.removeprefix("http://").split(":")
     counts = {"put": 0, "throttled": 0}
     lock = threading.Lock()
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def throttle(handler) -> bool:
+        if handler.command != "PUT":
+            return False
+        with lock:
+            counts["put"] += 1
+            refused = counts["put"] % every == 0
+            counts["throttled"] += refused
+        if refused:
+            answer(handler, 503, b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message>"
+                                 b"</Error>")
+        return refused
 
-        def forward(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if self.command == "PUT":
-                with lock:
-                    counts["put"] += 1
-                    throttle = counts["put"] % every == 0
-                    counts["throttled"] += throttle
-                if throttle:
-                    error = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-                    self.send_response(503)
-                    self.send_header("Content-Length", str(len(error)))
-                    self.end_headers()
-                    self.wfile.write(error)
-                    return
-            connection = http.client.HTTPConnection(host, int(port), timeout=30)
-            try:
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
-                connection.request(self.command, self.path, body=body, headers=headers)
-                response = connection.getresponse()
-                data = response.read()
-            finally:
-                connection.close()
-            self.send_response(response.status)
-            for key, value in response.getheaders():
-                if key.lower() not in ("content-length", "transfer-encoding", "connection", "keep-alive",
-                                       "server", "date"):
-                    self.send_header(key, value)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-
-        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        counts["port"] = server.server_address[1]
+    with forwarding_proxy(upstream, throttle) as port:
+        counts["port"] = port
         yield counts
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.timeout(420)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import json
 import tarfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from batchgen.storage import S3Storage, Storage, open_storage
 from batchgen.writers import layout_for
 from batchgen.writers.shards import sample_name
 from tests.jobs import decode
+from tests.s3proxy import forwarding_proxy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -162,51 +161,17 @@ def test_parquet_shards_hold_images_and_metadata_for_datasets_and_ray(tmp_path, 
 def proxy(upstream: str, on_first_part) -> Iterator[int]:
     """An HTTP proxy to `upstream` that calls `on_first_part()` when the first multipart UploadPart arrives,
     before forwarding it; a request it cannot forward gets its connection closed, as a dead endpoint does."""
-    host, port = upstream.removeprefix("http://").split(":")
     seen = threading.Event()
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def first_part(handler) -> bool:
+        if "partNumber=" in handler.path and not seen.is_set():
+            seen.set()
+            on_first_part()
+        return False
 
-        def forward(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if "partNumber=" in self.path and not seen.is_set():
-                seen.set()
-                on_first_part()
-            connection = http.client.HTTPConnection(host, int(port), timeout=30)
-            try:
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
-                connection.request(self.command, self.path, body=body, headers=headers)
-                response = connection.getresponse()
-                data = response.read()
-            except OSError:
-                self.close_connection = True
-                return
-            finally:
-                connection.close()
-            self.send_response(response.status)
-            for key, value in response.getheaders():
-                if key.lower() not in ("content-length", "transfer-encoding", "connection", "keep-alive",
-                                       "server", "date"):
-                    self.send_header(key, value)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-
-        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server.server_address[1]
-    finally:
-        assert seen.is_set(), "no multipart upload went through the proxy"
-        server.shutdown()
-        server.server_close()
+    with forwarding_proxy(upstream, first_part) as port:
+        yield port
+    assert seen.is_set(), "no multipart upload went through the proxy"
 
 
 def s3_output(bucket: str, port: int, monkeypatch, deadline_s: float) -> S3Storage:
