@@ -146,6 +146,44 @@ def test_a_windowed_job_killed_mid_job_resumes_without_redoing_a_window_and_matc
     assert {key: row["sha256"] for key, row in final.items()} == {key: row["sha256"] for key, row in one.items()}
 
 
+@pytest.mark.timeout(300)
+def test_ctrl_c_during_a_window_exits_130_releases_the_lease_and_leaves_no_window(tiny_model_dir, ray_local,
+                                                                                  tmp_path):
+    """Ctrl-C in a terminal reaches the driver and its window process (one process group): the job exits 130
+    saying how to resume, the window process is gone, the lease is released at once, window 1 stays committed
+    and no _SUCCESS is written."""
+    import ray
+
+    prompts = write_groups(tmp_path / "p.parquet", [2] * 6)
+    settings = {"compute.batch_size": 1, "compute.min_actors": 1, "compute.max_actors": 1,
+                "compute.window_rows": 4}
+    output = tmp_path / "out"
+    spec = write_spec(tmp_path / "job.yaml", job_spec(tiny_model_dir, str(prompts), str(output), **settings))
+    command = [sys.executable, "-m", "batchgen", "run", str(spec), "--address", ray.get_runtime_context().gcs_address]
+    with open(tmp_path / "run.log", "wb") as log:  # a session of its own: its process group is the terminal's
+        driver = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "window 2/3" in (tmp_path / "run.log").read_text() or driver.poll() is not None, 240,
+                 "window 2 started", 0.1)
+        windows = children_named(driver.pid, "multiprocessing")
+        os.killpg(driver.pid, signal.SIGINT)
+        driver.wait(60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    log = (tmp_path / "run.log").read_text()
+    assert driver.returncode == 130, log[-3000:]
+    assert "interrupted; run the same command again to resume" in log
+    assert windows, "no window process was running at Ctrl-C"
+    _, alive = psutil.wait_procs(windows, timeout=30)
+    assert not alive, f"window processes outlived the interrupted job: {alive}"
+    storage = open_storage(str(output))
+    assert read_holder(storage, latest_epoch(storage)).released
+    assert not storage.exists(SUCCESS_KEY)
+    committed = assert_accounted(storage, {(f"p.parquet:{i}", 0) for i in range(12)}, finished=False)
+    assert {(f"p.parquet:{i}", 0) for i in range(4)} <= set(committed), "window 1's images were lost"
+
+
 @pytest.mark.timeout(240)
 def test_a_failing_window_fails_the_job_and_releases_the_lease(tiny_model_dir, ray_local, tmp_path):
     """Window 1's data pages are corrupt (found only by reading its rows, in the window's process): the job
