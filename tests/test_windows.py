@@ -79,6 +79,25 @@ def test_window_rows_is_validated(value):
     assert "compute.window_rows" in str(refusal.value) and repr(value) in str(refusal.value)
 
 
+def signal_in_window_2(command: list[str], log_path, signum: int, group: bool = False):
+    """Start a 3-window job's driver; once window 2 starts, send it `signum` (`group`: to its whole process group,
+    as a terminal's Ctrl-C does; the driver gets a session of its own). Returns the ended driver, the window
+    processes it had at that moment and its log."""
+    with open(log_path, "wb") as log:
+        driver = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=group)
+    send = os.killpg if group else os.kill
+    try:
+        wait_for(lambda: "window 2/3" in log_path.read_text() or driver.poll() is not None, 240, "window 2 started",
+                 0.1)
+        windows = children_named(driver.pid, "multiprocessing")
+        send(driver.pid, signum)
+        driver.wait(60)
+    finally:
+        if driver.poll() is None:
+            send(driver.pid, signal.SIGKILL)
+    return driver, windows, log_path.read_text()
+
+
 def children_named(pid: int, fragment: str) -> list[psutil.Process]:
     found = []
     for child in psutil.Process(pid).children(recursive=True):
@@ -115,18 +134,7 @@ def test_a_windowed_job_killed_mid_job_resumes_without_redoing_a_window_and_matc
                                                       **{"compute.window_rows": 4}))
     storage = open_storage(str(output))
     command = [sys.executable, "-m", "batchgen", "run", str(spec), "--address", ray.get_runtime_context().gcs_address]
-    with open(tmp_path / "killed.log", "wb") as log:
-        driver = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: "window 2/3" in (tmp_path / "killed.log").read_text() or driver.poll() is not None, 240,
-                 "window 2 started", 0.1)
-        windows = children_named(driver.pid, "multiprocessing")
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(10)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    log = (tmp_path / "killed.log").read_text()
+    driver, windows, log = signal_in_window_2(command, tmp_path / "killed.log", signal.SIGKILL)
     assert driver.returncode == -signal.SIGKILL, log[-3000:]
     assert windows, "no window process was running when the driver was killed"
     _, alive = psutil.wait_procs(windows, timeout=30)
@@ -160,18 +168,7 @@ def test_ctrl_c_during_a_window_exits_130_releases_the_lease_and_leaves_no_windo
     output = tmp_path / "out"
     spec = write_spec(tmp_path / "job.yaml", job_spec(tiny_model_dir, str(prompts), str(output), **settings))
     command = [sys.executable, "-m", "batchgen", "run", str(spec), "--address", ray.get_runtime_context().gcs_address]
-    with open(tmp_path / "run.log", "wb") as log:  # a session of its own: its process group is the terminal's
-        driver = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for(lambda: "window 2/3" in (tmp_path / "run.log").read_text() or driver.poll() is not None, 240,
-                 "window 2 started", 0.1)
-        windows = children_named(driver.pid, "multiprocessing")
-        os.killpg(driver.pid, signal.SIGINT)
-        driver.wait(60)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-    log = (tmp_path / "run.log").read_text()
+    driver, windows, log = signal_in_window_2(command, tmp_path / "run.log", signal.SIGINT, group=True)
     assert driver.returncode == 130, log[-3000:]
     assert "interrupted; run the same command again to resume" in log
     assert windows, "no window process was running at Ctrl-C"
