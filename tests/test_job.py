@@ -221,7 +221,7 @@ def test_reader_waits_for_the_generators_within_the_read_ahead_cap(tiny_model_di
     """Ray Data budgets object-store bytes, so without a cap in rows the reader of a big table runs the whole
     table ahead of the generators (in blocks the driver keeps bookkeeping for). The cap holds the rows read but
     not yet handed to a generator to the cap plus the read tasks in flight (one row group of 20 rows each).
-    With the cap lifted, the same job queues hundreds of rows (reading starts once the actors are up)."""
+    With the cap lifted, the same job queues over a hundred rows (reading starts once the actors are up)."""
     from batchgen.readahead import ReadAheadCap
 
     path = tmp_path / "p.parquet"
@@ -246,8 +246,9 @@ def test_reader_waits_for_the_generators_within_the_read_ahead_cap(tiny_model_di
         assert report.healthy and report.ok == 600, report.problems
         peaks[calls] = max(queued)
     assert peaks[1] <= 16 + 2 * 20, peaks  # compute.read_tasks = 2 read tasks in flight
-    # Lifted, the reader runs far past that bound (184-344 rows seen; fewer when the machine is loaded).
-    assert peaks[1024] > 2 * (16 + 2 * 20), peaks
+    # Lifted, the reader runs past that bound and past twice the capped run's own peak: 112-164 rows seen (capped:
+    # 32) since the re-blocking before the generators asks 0.25 CPU; 184-344 while it asked a whole CPU and lagged.
+    assert peaks[1024] > max(16 + 2 * 20, 2 * peaks[1]), peaks
 
 
 def _thread_niceness(pid: int) -> list[int]:
