@@ -23,6 +23,7 @@ from batchgen.rows import (
     FIELD,
     GROUP_FIELDS,
     IMAGE_FIELDS,
+    INPUT_FIELDS,
     MAX_IMAGES_PER_ROW,
     MAX_SEED,
     Rules,
@@ -303,7 +304,7 @@ def _id_columns(plan: InputPlan):
             parquet = pq.ParquetFile(f)
             present = set(parquet.schema_arrow.names)
             wanted = {field: column for field, column in plan.columns.items()
-                      if field in ("id", "num_images") and column in present}
+                      if field in INPUT_FIELDS and column in present}
             for task in tasks:
                 yield task, parquet.read_row_group(task.row_group, columns=list(wanted.values())), wanted
 

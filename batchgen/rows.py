@@ -255,14 +255,14 @@ MANIFEST_FIELDS = tuple(f.name for f in FIELDS if f.manifest)
 # Input-only fields: a row's identity and how many samples it asks for; they never reach the model.
 INPUT_FIELDS = ("id", "num_images")
 COLUMN_TARGETS = (*INPUT_FIELDS, *(f.name for f in FIELDS if f.column))
+IMAGE_FIELDS = ("init_image", "mask_image")  # fields that name an image the fetch stage reads
+IMG2IMG_FIELDS = frozenset(("init_image", "strength", "mask_image", "init_image_sha256", "init_image_size",
+                            "mask_image_sha256", "mask_image_size", "init_pixels", "mask_pixels"))
 
 
 def column_fields(rules: Rules) -> set[str]:
     """The fields an input column may map to for this model (the job's reader and `batchgen.generate` alike)."""
     return {name for name in COLUMN_TARGETS if name in INPUT_FIELDS or name in rules.fields}
-IMAGE_FIELDS = ("init_image", "mask_image")  # fields that name an image the fetch stage reads
-IMG2IMG_FIELDS = frozenset(("init_image", "strength", "mask_image", "init_image_sha256", "init_image_size",
-                            "mask_image_sha256", "mask_image_size", "init_pixels", "mask_pixels"))
 
 
 def arrow_type(kind: str):
