@@ -255,15 +255,27 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_max_direct_call_object_siz
               "RAY_worker_niceness": "0"}
 
 
+def node_config(cpus: int) -> dict[str, Any]:
+    """Raylet settings for a node with `cpus` CPUs (`_system_config` of a Ray started here; on a cluster, the same
+    names as RAY_* variables of `ray start`, infra/). num_workers_soft_limit: a raylet kills idle workers beyond
+    this many after a second, by default one per CPU; the light stages' 0.25-CPU tasks run four per CPU, so
+    workers were killed between a stage's tasks and started again (each start imports Ray, pyarrow and
+    batchgen: ~0.7 s of CPU). Kept instead, one per light task that fits on the node."""
+    return {"num_workers_soft_limit": math.ceil(cpus / LIGHT_TASK_CPUS)}
+
+
 def init_ray(address: str | None) -> None:
     import ray
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
+        local = address is None
         # A Ray started here runs without its dashboard (ignored when joining a cluster): on a 2-core machine
-        # the dashboard cost 3 ms of CPU per image in steady state, taken from the generator.
+        # the dashboard cost 3 ms of CPU per image in steady state, taken from the generator. Ray sizes a local
+        # node from the CPUs it can use; os.cpu_count() is at least that, so no light task's worker is cut.
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False,
-                 runtime_env={"env_vars": WORKER_ENV} if address is None else None)
+                 runtime_env={"env_vars": WORKER_ENV} if local else None,
+                 _system_config=node_config(os.cpu_count() or 1) if local else None)
     _quiet_data_context()
 
 

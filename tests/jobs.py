@@ -214,9 +214,10 @@ def ray_local(s3_server):
     workers inherit the AWS endpoint settings, as a cluster's nodes carry their own AWS configuration."""
     import ray
 
-    from batchgen.pipeline import WORKER_ENV
+    from batchgen.pipeline import WORKER_ENV, node_config
 
-    # The worker environment a Ray started by `batchgen run` (and a submitted job) gets.
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": WORKER_ENV})
+    # The worker environment and raylet settings a Ray started by `batchgen run` (and a submitted job) gets.
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": WORKER_ENV},
+             _system_config=node_config(2))
     yield
     ray.shutdown()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import shlex
 import sys
@@ -361,14 +362,34 @@ def test_dockerfile_entrypoint_is_the_console_script(dockerfile, pyproject):
     assert pyproject["project"]["scripts"]["batchgen"] == "batchgen.cli:main"
 
 
-def test_dockerfile_sets_the_worker_env(dockerfile):
-    from batchgen.pipeline import WORKER_ENV
-
+def image_env(dockerfile: list[tuple[str, str]]) -> dict[str, str]:
     env = {}
     for keyword, arguments in dockerfile:
         if keyword == "ENV":
             env.update(word.split("=", 1) for word in shlex.split(arguments) if "=" in word)
+    return env
+
+
+def test_dockerfile_sets_the_worker_env(dockerfile):
+    from batchgen.pipeline import WORKER_ENV
+
+    env = image_env(dockerfile)
     assert env == {**env, **WORKER_ENV}, f"the image's ENV {env} differs from batchgen.pipeline.WORKER_ENV"
+
+
+def test_every_node_keeps_a_worker_per_light_task(dockerfile, raycluster, launcher):
+    """The image's raylet setting covers what batchgen gives a Ray it starts itself, on every node in infra/."""
+    from batchgen.pipeline import node_config
+
+    def kubernetes_cpus(quantity: str) -> float:
+        return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+    cpus = [node["resources"]["CPU"] for node in launcher["available_node_types"].values()]
+    cpus += [kubernetes_cpus(str(c["resources"]["limits"]["cpu"])) for c in group_containers(raycluster["spec"])]
+    assert len(cpus) >= 4, cpus
+    limit = int(image_env(dockerfile)["RAY_num_workers_soft_limit"])
+    for n in cpus:
+        assert limit >= node_config(math.ceil(n))["num_workers_soft_limit"], f"a {n}-CPU node needs more than {limit}"
 
 
 def test_dockerfile_runs_as_non_root(dockerfile):

@@ -204,7 +204,7 @@ def test_a_ray_started_by_batchgen_gets_the_worker_env(monkeypatch):
     the same environment (and runs without a dashboard), and that joining a cluster leaves its env alone."""
     import ray
 
-    from batchgen.pipeline import WORKER_ENV, init_ray
+    from batchgen.pipeline import WORKER_ENV, init_ray, node_config
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -214,7 +214,9 @@ def test_a_ray_started_by_batchgen_gets_the_worker_env(monkeypatch):
     init_ray("ray://head:10001")
     assert calls[0]["address"] is None and calls[0]["runtime_env"] == {"env_vars": WORKER_ENV}
     assert calls[0]["include_dashboard"] is False
+    assert calls[0]["_system_config"] == node_config(os.cpu_count())
     assert calls[1]["address"] == "ray://head:10001" and calls[1]["runtime_env"] is None
+    assert calls[1]["_system_config"] is None  # a cluster's raylets have their own (infra/Dockerfile)
 
 
 def test_reader_waits_for_the_generators_within_the_read_ahead_cap(tiny_model_dir, tmp_path, monkeypatch):
