@@ -133,13 +133,28 @@ def build_dataset(plan: JobPlan, resources: Resources, stage: StoreStage, done: 
         # One store call writes one shard: the generators' outputs are encoded, then gathered into shard-sized
         # blocks, so a shard is written and committed within one task (a retried task redoes it whole, under a
         # new name) and no writer state outlives a task.
-        ds = ds.map_batches(_encode, fn_kwargs={"stage": stage.encoder, "nice": nice}, batch_size=None,
-                            batch_format="pyarrow", num_cpus=spec.compute.cpus_per_storage_task)
+        ds = ds.map_batches(_encode, fn_kwargs={"stage": stage.encoder, "nice": nice},
+                            batch_size=shard_encode_rows(spec, plan.input.columns), batch_format="pyarrow",
+                            num_cpus=spec.compute.cpus_per_storage_task)
         ds = reblock(ds, spec.output.shard_samples, spec.compute.cpus_per_storage_task, strict=True)
     return ds.map_batches(
         _store, fn_kwargs={"stage": stage, "nice": nice}, batch_size=None, batch_format="pyarrow",
         num_cpus=spec.compute.cpus_per_storage_task,
     )
+
+
+def shard_encode_rows(spec: JobSpec, fields: Collection[str]) -> int | None:
+    """Rows per encode call in a shard layout. A whole shard where its pixels fit in one Ray Data block of the
+    default target size (128 MiB): Ray Data then fuses the encode, the re-blocking into shards and the store into
+    one task per shard, one task stage per row instead of three (bench/RESULTS.md c). Else None, one generator
+    call at a time, so the re-blocking gathers compressed images, never a shard of pixels (1,000 1024x1024
+    images are 3 GiB). Rows that set their own size may be larger than the spec says: encoded per call."""
+    from ray.data.context import DEFAULT_TARGET_MAX_BLOCK_SIZE
+
+    if "width" in fields or "height" in fields:
+        return None
+    shard_pixels = spec.output.shard_samples * spec.sampling.width * spec.sampling.height * 3
+    return spec.output.shard_samples if shard_pixels <= DEFAULT_TARGET_MAX_BLOCK_SIZE else None
 
 
 def add_fetch(ds, fields: Collection[str] | None, spec: JobSpec):

@@ -14,6 +14,7 @@ import pytest
 
 from batchgen.manifest import manifest_parts
 from batchgen.pipeline import run_job
+from batchgen.spec import JobSpec
 from batchgen.storage import Storage, open_storage
 from tests.jobs import (
     REPO,
@@ -110,12 +111,8 @@ def test_driver_killed_while_a_shard_is_open_then_rerun_lists_every_row_once(
     assert samples_in_listed_shards(storage, tmp_path) == Counter(pairs(rows)), "every row once across shards"
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("layout", ["files", "webdataset", "parquet"])
-def test_only_the_generators_ask_a_whole_cpu(tiny_model_dir, tmp_path, layout):
-    """Every CPU stage of the job's physical plan asks a fraction of a CPU. A stage whose tasks ask Ray's
-    default of 1 CPU waits, beside a 1-CPU generator on a 2-CPU node, until the 0.25-CPU tasks around it leave a
-    whole CPU free: the shard layouts' bare re-blocking did (bench/RESULTS.md a, shard layouts)."""
+def map_operators(tiny_model_dir, tmp_path, **settings) -> list[tuple[str, float]]:
+    """(name, CPUs asked) of every map operator in the physical plan of a 4-row job with these spec settings."""
     from ray.data._internal.execution.operators.map_operator import MapOperator
     from ray.data._internal.logical.optimizers import get_execution_plan
 
@@ -124,8 +121,7 @@ def test_only_the_generators_ask_a_whole_cpu(tiny_model_dir, tmp_path, layout):
 
     prompts = write_table(tmp_path / "p.parquet", prompts_table(4))
     spec = job_spec(tiny_model_dir, str(prompts), str(tmp_path / "out"), **{
-        "output.layout": layout, "output.shard_samples": 8, "compute.cpus_per_actor": 1.0,
-        "compute.min_actors": 1, "compute.max_actors": 1})
+        "compute.cpus_per_actor": 1.0, "compute.min_actors": 1, "compute.max_actors": 1, **settings})
     plan = plan_job(spec)
     with plan.output as output:
         output.start(plan.fingerprint)
@@ -137,8 +133,44 @@ def test_only_the_generators_ask_a_whole_cpu(tiny_model_dir, tmp_path, layout):
         todo.extend(op.input_dependencies)
         if isinstance(op, MapOperator):
             ops.append((op.name, op._ray_remote_args.get("num_cpus")))
+    return ops
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", ["files", "webdataset", "parquet"])
+def test_only_the_generators_ask_a_whole_cpu(tiny_model_dir, tmp_path, layout):
+    """Every CPU stage of the job's physical plan asks a fraction of a CPU. A stage whose tasks ask Ray's
+    default of 1 CPU waits, beside a 1-CPU generator on a 2-CPU node, until the 0.25-CPU tasks around it leave a
+    whole CPU free: the shard layouts' bare re-blocking did (bench/RESULTS.md a, shard layouts)."""
+    ops = map_operators(tiny_model_dir, tmp_path, **{"output.layout": layout, "output.shard_samples": 8})
     generators = [cpus for name, cpus in ops if "GeneratorActor" in name]
     assert generators == [1.0], ops
     stages = [(name, cpus) for name, cpus in ops if "GeneratorActor" not in name]
     assert any("_store" in name for name, _ in stages), ops
-    assert all(cpus <= spec.compute.cpus_per_storage_task for _, cpus in stages), stages
+    assert all(cpus <= JobSpec().compute.cpus_per_storage_task for _, cpus in stages), stages
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("side", "fused"), [(128, True), (256, False)])
+def test_a_shard_of_small_images_is_encoded_and_stored_in_one_task(tiny_model_dir, tmp_path, side, fused):
+    """A shard of 1,000 128x128 images is 47 MiB of pixels: encoded, gathered and stored by one task (one task stage
+    per row, not three). At 256x256 it is 188 MiB, above a Ray Data block's 128 MiB: encoded per generator call,
+    so the re-blocking gathers compressed images into shards."""
+    ops = map_operators(tiny_model_dir, tmp_path, **{"output.layout": "webdataset", "output.shard_samples": 1000,
+                                                     "sampling.width": side, "sampling.height": side})
+    after = [name for name, _ in ops if any(part in name for part in ("_encode", "_store", "=1000,strict=True"))]
+    if fused:
+        assert after == ["MapBatches(_encode)->StreamingRepartition[num_rows_per_block=1000,strict=True]->"
+                         "MapBatches(_store)"], ops
+    else:
+        assert sorted(after) == ["MapBatches(_encode)", "MapBatches(_store)",
+                                 "StreamingRepartition[num_rows_per_block=1000,strict=True]"], ops
+
+
+def test_rows_that_set_their_own_size_are_encoded_per_call():
+    from batchgen.pipeline import shard_encode_rows
+
+    spec = JobSpec.model_validate({"output": {"uri": "/tmp/x", "layout": "parquet"},
+                                   "sampling": {"width": 64, "height": 64}})
+    assert shard_encode_rows(spec, {"prompt": "caption"}) == spec.output.shard_samples
+    assert shard_encode_rows(spec, {"prompt": "caption", "height": "h"}) is None
