@@ -4,6 +4,7 @@ and 300-400 MB of memory per process). Only the generator actor loads them."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -45,10 +46,7 @@ def test_job_control_commands_stay_light():
 
 _WAVES = """
 import os, time, ray
-from batchgen.pipeline import LIGHT_TASK_CPUS, init_ray, node_config
-import batchgen.pipeline as pipeline
-if os.environ.get("DEFAULT_CONFIG"):
-    pipeline.node_config = lambda cpus: {}
+from batchgen.pipeline import LIGHT_TASK_CPUS, init_ray
 init_ray(None)
 assert ray.cluster_resources()["CPU"] == 2, ray.cluster_resources()
 
@@ -65,13 +63,11 @@ print(len(pids))
 """
 
 
-@pytest.mark.skipif((__import__("os").cpu_count() or 0) != 2, reason="sized for the 2-CPU CI machine")
+@pytest.mark.skipif(os.cpu_count() != 2, reason="sized for the 2-CPU CI machine")
 def test_a_ray_started_by_batchgen_keeps_its_light_task_workers(tmp_path):
     """Five waves of six 0.25-CPU tasks, idle between waves: the raylet keeps their workers (at most 2 / 0.25 = 8
     processes in all) instead of killing all but one per CPU and starting new ones for each wave (Ray's default
     soft limit: 11 processes here, 6 with batchgen's)."""
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     result = subprocess.run([sys.executable, "-c", _WAVES], capture_output=True, text=True, timeout=100, env=env,
                             cwd=tmp_path)
